@@ -1,0 +1,3 @@
+"""VLM/LLM LoRA experiment harness."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,75 @@
+"""Batches for training and generation: chat template, image token expansion, label masking.
+
+Training batches are right-padded; only the assistant's answer and its end-of-turn token carry
+labels (prompt, image and padding tokens get -100) unless data.train_on_responses_only=false.
+Generation batches are left-padded prompts.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.processors import tokenizer_of
+
+IGNORE_INDEX = -100
+
+
+def messages_of(sample: dict) -> list[dict]:
+    content = [{"type": "image"} for _ in sample.get("images") or []]
+    content.append({"type": "text", "text": sample["prompt"]})
+    return [{"role": "user", "content": content}]
+
+
+class ChatCollator:
+    def __init__(self, processor, train_on_responses_only: bool = True, max_length: int = 2048):
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.multimodal = processor is not self.tokenizer
+        self.train_on_responses_only = train_on_responses_only
+        self.max_length = max_length
+        self.tokens_seen = 0  # non-padding tokens of all training batches built
+        self.image_token_ids = {
+            i for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+            if i is not None
+        }
+
+    def prompt_text(self, sample: dict) -> str:
+        return self.processor.apply_chat_template(messages_of(sample), add_generation_prompt=True, tokenize=False)
+
+    def _encode(self, texts: list[str], samples: list[dict], padding_side: str) -> dict:
+        self.tokenizer.padding_side = padding_side
+        kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
+        if not self.multimodal:
+            return dict(self.tokenizer(texts, **kwargs))
+        images = [img for s in samples for img in (s.get("images") or [])]
+        return dict(self.processor(text=texts, images=images or None, **kwargs))
+
+    def __call__(self, samples: list[dict]) -> dict:
+        eos = self.tokenizer.eos_token
+        texts = [self.prompt_text(s) + s["answer"] + eos for s in samples]
+        batch = self._encode(texts, samples, "right")
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if ids.shape[1] > self.max_length:
+            raise ValueError(f"a batch has {ids.shape[1]} tokens, more than data.max_length={self.max_length}; "
+                             "raise data.max_length or shrink the images (model.max_pixels)")
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        lengths = mask.sum(1).tolist()
+        for i, s in enumerate(samples):
+            n = lengths[i]
+            if self.train_on_responses_only:
+                answer = self.tokenizer(s["answer"] + eos, add_special_tokens=False)["input_ids"]
+                start = n - len(answer)
+                if ids[i, start:n].tolist() != answer:
+                    raise ValueError("the answer's tokens are not a suffix of the templated sample; the tokenizer "
+                                     f"merges across the prompt/answer boundary for answer {s['answer']!r}")
+                labels[i, start:n] = ids[i, start:n]
+            else:
+                labels[i, :n] = ids[i, :n]
+                for tid in self.image_token_ids:
+                    labels[i][ids[i] == tid] = IGNORE_INDEX
+        batch["labels"] = labels
+        self.tokens_seen += int(mask.sum())
+        return batch
+
+    def prompts(self, samples: list[dict]) -> dict:
+        """Left-padded prompts for generation."""
+        return self._encode([self.prompt_text(s) for s in samples], samples, "left")

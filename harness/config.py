@@ -1,0 +1,267 @@
+"""Typed run configuration: dataclasses registered with Hydra's ConfigStore, plus range checks.
+
+Hydra composes conf/ on top of the `RunConfig` schema, so a misspelled key or a wrong type fails
+at composition time. `validate()` then checks values and choices, before any model is built, and
+raises `ConfigError` naming the key, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+MODES = ("train", "plan", "eval", "infer")
+QUANT_MODES = ("none", "8bit", "4bit")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BIAS_CHOICES = ("none", "all", "lora_only")
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
+CHECKPOINTING = ("unsloth", "true", "false")
+LOGGER_BACKENDS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+KERNEL_SWITCH = ("auto", "true", "false")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names key, value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    arch: str = MISSING  # key of harness.registry.ARCHITECTURES
+    # Hub id or local checkpoint directory. None: build `config` with random weights (offline default).
+    name_or_path: Optional[str] = None
+    # Build from `config` with random weights even when name_or_path is set (benchmarks, plan mode).
+    random_init: bool = False
+    # Keyword arguments for the architecture's transformers config class (random-init models, plan mode).
+    config: dict = field(default_factory=dict)
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+    # Image size range for the processor, in pixels (height * width).
+    min_pixels: int = 3136
+    max_pixels: int = 200704
+    # Modules trained fully in addition to the strategy's modules_to_save (random-init tiny models
+    # need their head trained: a frozen random lm_head is too weak for LoRA alone).
+    modules_to_save: list = field(default_factory=list)
+
+
+@dataclass
+class LoraConfig:
+    strategy: str = MISSING
+    finetune_vision_layers: bool = True
+    finetune_language_layers: bool = True
+    finetune_attention_modules: bool = True
+    finetune_mlp_modules: bool = True
+    finetune_projector: bool = False
+    # None (use the flags), a list of module names / leaf names, a regex string, or "all-linear".
+    target_modules: Any = None
+    r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    init_lora_weights: Any = True
+    loftq_config: dict = field(default_factory=dict)
+    layers_to_transform: Optional[list] = None
+    layers_pattern: Optional[str] = None
+    modules_to_save: list = field(default_factory=list)
+    random_state: Optional[int] = None  # None: the run's seed
+    # Per-component rank / alpha (None: r / lora_alpha).
+    vision_r: Optional[int] = None
+    vision_alpha: Optional[int] = None
+    language_r: Optional[int] = None
+    language_alpha: Optional[int] = None
+
+
+@dataclass
+class QuantConfig:
+    mode: str = "none"
+    dtype: str = "auto"  # auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    eval_fraction: float = 0.1
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    image_size: int = 56
+    prompt: str = "What digit is this?"
+    train_on_responses_only: bool = True
+    max_length: int = 2048
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    learning_rate: float = 2e-4
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "linear"
+    optim: str = "adamw_torch"
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    gradient_checkpointing: str = "false"
+    full_finetuning: bool = False
+    eval_batch_size: int = 64
+    max_new_tokens: int = 4
+    num_workers: int = 0
+    resume: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"
+    project: str = "vlm-lora-harness"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class KernelsConfig:
+    enabled: str = "auto"
+    lora: bool = True
+    rms_norm: bool = True
+    rope: bool = True
+    swiglu: bool = True
+    cross_entropy: bool = True
+
+
+@dataclass
+class SaveConfig:
+    adapter: bool = True
+    merged: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    mode: str = "train"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    # mode=eval / infer: a finished run directory; mode=infer: image files and the question.
+    path: Optional[str] = None
+    images: list = field(default_factory=list)
+    prompt: Optional[str] = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"invalid config: {key}={value!r} (allowed: {allowed})")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(key, value, "one of " + ", ".join(repr(c) if not isinstance(c, str) else c for c in choices))
+
+
+def _positive(key: str, value: Any, integer: bool = False) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        _fail(key, value, f"{'an integer' if integer else 'a number'} > 0")
+
+
+def validate(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Check values and choices; return the config as a typed RunConfig object."""
+    if isinstance(cfg, DictConfig):
+        run: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+    else:
+        run = cfg
+    from harness.registry import ARCHITECTURES  # local: registry imports transformers lazily
+
+    _choice("mode", run.mode, MODES)
+    _choice("device", run.device, ("auto", "cpu", "cuda"))
+    _choice("model.arch", run.model.arch, tuple(sorted(ARCHITECTURES)))
+    _positive("model.min_pixels", run.model.min_pixels, integer=True)
+    if run.model.max_pixels < run.model.min_pixels:
+        _fail("model.max_pixels", run.model.max_pixels, f"an integer >= model.min_pixels ({run.model.min_pixels})")
+    if run.model.name_or_path is None and not run.model.config:
+        _fail("model.name_or_path", None, "a hub id or local path, or a non-empty model.config for random init")
+
+    lo = run.lora
+    _positive("lora.r", lo.r, integer=True)
+    _positive("lora.lora_alpha", lo.lora_alpha)
+    for key in ("vision_r", "language_r"):
+        if getattr(lo, key) is not None:
+            _positive(f"lora.{key}", getattr(lo, key), integer=True)
+    for key in ("vision_alpha", "language_alpha"):
+        if getattr(lo, key) is not None:
+            _positive(f"lora.{key}", getattr(lo, key))
+    if not 0.0 <= lo.lora_dropout < 1.0:
+        _fail("lora.lora_dropout", lo.lora_dropout, "a number in [0, 1)")
+    _choice("lora.bias", lo.bias, BIAS_CHOICES)
+    _choice("lora.init_lora_weights", lo.init_lora_weights, INIT_CHOICES)
+    tm = lo.target_modules
+    if tm is not None and not isinstance(tm, (str, list)):
+        _fail("lora.target_modules", tm, "null, a list of module names, a regex string, or 'all-linear'")
+    if lo.layers_to_transform is not None:
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in lo.layers_to_transform):
+            _fail("lora.layers_to_transform", lo.layers_to_transform, "null or a list of layer indices >= 0")
+
+    _choice("quant.mode", run.quant.mode, QUANT_MODES)
+    _choice("quant.dtype", run.quant.dtype, DTYPES)
+    _choice("quant.compute_dtype", run.quant.compute_dtype, DTYPES)
+    _choice("quant.quant_type", run.quant.quant_type, ("nf4", "fp4"))
+
+    d = run.data
+    if not (isinstance(d.eval_fraction, (int, float)) and 0.0 < d.eval_fraction < 1.0):
+        _fail("data.eval_fraction", d.eval_fraction, "a number strictly between 0 and 1")
+    _positive("data.image_size", d.image_size, integer=True)
+    _positive("data.max_length", d.max_length, integer=True)
+    for key in ("max_train_samples", "max_eval_samples"):
+        if getattr(d, key) is not None:
+            _positive(f"data.{key}", getattr(d, key), integer=True)
+
+    t = run.train
+    _positive("train.max_steps", t.max_steps, integer=True)
+    _positive("train.learning_rate", t.learning_rate)
+    _positive("train.per_device_train_batch_size", t.per_device_train_batch_size, integer=True)
+    _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps, integer=True)
+    _positive("train.eval_batch_size", t.eval_batch_size, integer=True)
+    _positive("train.logging_steps", t.logging_steps, integer=True)
+    _positive("train.max_new_tokens", t.max_new_tokens, integer=True)
+    if t.warmup_steps < 0:
+        _fail("train.warmup_steps", t.warmup_steps, "an integer >= 0")
+    if t.weight_decay < 0:
+        _fail("train.weight_decay", t.weight_decay, "a number >= 0")
+    t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
+    _choice("train.gradient_checkpointing", t.gradient_checkpointing, CHECKPOINTING)
+    _choice("train.resume", t.resume, ("none", "auto"))
+    if t.full_finetuning and run.quant.mode != "none":
+        _fail("train.full_finetuning", True,
+              f"false when quant.mode={run.quant.mode} (full fine-tuning needs a 16/32-bit base; use quant=none)")
+
+    _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)
+    _choice("logger.mode", run.logger.mode, WANDB_MODES)
+    run.kernels.enabled = str(run.kernels.enabled).lower()
+    _choice("kernels.enabled", run.kernels.enabled, KERNEL_SWITCH)
+    if run.mode in ("eval", "infer") and not run.path:
+        _fail("path", run.path, f"a run directory (mode={run.mode} needs the run to evaluate)")
+    if run.mode == "infer" and not run.images:
+        _fail("images", run.images, "a list of image files, e.g. images=[a.png,b.png]")
+    return run

@@ -1,0 +1,44 @@
+"""Evaluation by generation: batched greedy answers for held-out samples, exact-match accuracy."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from harness.collator import ChatCollator
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+@torch.no_grad()
+def generate_answers(model, collator: ChatCollator, samples: list[dict], batch_size: int, max_new_tokens: int,
+                     device, desc: str = "eval") -> list[str]:
+    """Inference mode: eval(), KV cache on, left padding; returns the decoded answers."""
+    was_training = model.training
+    model.eval()
+    tok = collator.tokenizer
+    answers: list[str] = []
+    for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
+        chunk = samples[i : i + batch_size]
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator.prompts(chunk).items()}
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        new = out[:, batch["input_ids"].shape[1]:]
+        answers += tok.batch_decode(new, skip_special_tokens=True)
+    if was_training:
+        model.train()
+    return answers
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    if not references:
+        return float("nan")
+    return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
+
+
+def evaluate(model, collator, samples, batch_size, max_new_tokens, device) -> dict:
+    preds = generate_answers(model, collator, samples, batch_size, max_new_tokens, device)
+    refs = [s["answer"] for s in samples]
+    return {"exact_match": exact_match(preds, refs), "n_eval": len(samples),
+            "examples": [{"answer": r, "prediction": p} for r, p in list(zip(refs, preds))[:10]]}

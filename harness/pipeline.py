@@ -1,0 +1,128 @@
+"""One run, top to bottom: plan -> load -> LoRA -> data -> train -> evaluate -> save -> summary."""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from harness import modeling
+from harness.collator import ChatCollator
+from harness.config import RunConfig
+from harness.data import build_datasets
+from harness.lora import apply_lora, setup_full_finetuning
+from harness.registry import get_architecture
+from harness.targets import TargetPlan, resolve_targets
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parent.parent
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def make_plan(run: RunConfig, model=None) -> TargetPlan:
+    """Resolve LoRA targets on the meta device (or on `model` when given)."""
+    arch = get_architecture(run.model.arch)
+    tree = model if model is not None else modeling.build_meta_model(run.model)
+    return resolve_targets(tree, arch, run.lora, run.model.name, run.model.modules_to_save)
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host max RSS"
+
+
+def build(run: RunConfig):
+    """Processor, plan, model with LoRA; errors in the plan surface before any weight is loaded."""
+    device = modeling.resolve_device(run.device)
+    dtype = modeling.resolve_dtype(run.quant.dtype, device)
+    processor = modeling.load_processor_for(run.model)
+    plan = None if run.train.full_finetuning else make_plan(run)
+    model = modeling.load_model(run.model, run.quant, device, processor, seed=run.seed)
+    if plan is None:
+        model = setup_full_finetuning(model)
+    else:
+        model = apply_lora(model, plan, run.lora, run.seed, quantized=run.quant.mode != "none")
+    return device, dtype, processor, plan, model
+
+
+def accelerate(run: RunConfig, model, device) -> dict:
+    try:
+        from harness.kernels.patch import accelerate_model
+    except ImportError:
+        return {}
+    if run.kernels.enabled == "false":
+        return {}
+    report = accelerate_model(model, run.kernels)
+    return {k: len(v) for k, v in report.items() if v}
+
+
+def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
+    from harness import wandb_logger
+    from harness.evaluate import evaluate
+    from harness.provenance import environment
+    from harness.summary import format_summary
+    from harness.train import train
+
+    t0 = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(run.seed)
+    (run_dir / "env.json").write_text(json.dumps(environment(REPO), indent=1))
+    train_samples, eval_samples = build_datasets(run.data, run.seed)
+    device, dtype, processor, plan, model = build(run)
+    if plan is not None:
+        plan.save(run_dir / "plan.json")
+        print(plan.format())
+    trainable, total = modeling.count_params(model)
+    if plan is not None and trainable != plan.trainable_params:
+        log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
+    accelerated = accelerate(run, model, device)
+    collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+
+    tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]
+    wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.config.use_cache = False  # training mode: no KV cache, right padding
+    losses, tokens, train_s = train(run, model, processor, collator, train_samples, run_dir, device, dtype, wb)
+
+    t_eval = time.perf_counter()
+    result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device)
+    eval_s = time.perf_counter() - t_eval
+
+    if run.save.adapter and plan is not None:
+        model.save_pretrained(run_dir / "adapter", safe_serialization=True)
+        processor.save_pretrained(run_dir / "adapter")
+    peak, peak_kind = peak_memory(device)
+    metrics = dict(
+        model=run.model.name, strategy=run.lora.strategy if plan is not None else "full_finetuning",
+        quant=run.quant.mode, seed=run.seed, steps=run.train.max_steps, losses=losses,
+        loss_first=losses[0][1] if losses else None, loss_last=losses[-1][1] if losses else None,
+        eval_exact_match=result["exact_match"], n_eval=result["n_eval"], eval_examples=result["examples"],
+        trainable_params=trainable, total_params=total,
+        trainable_by_component=plan.per_component() if plan is not None else None,
+        train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
+        peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
+        train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
+        device=str(device), dtype=str(dtype).replace("torch.", ""), status="ok",
+    )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
+    print(format_summary(metrics))
+    return metrics
+
+
+def plan_run(run: RunConfig) -> TargetPlan:
+    plan = make_plan(run)
+    print(plan.format())
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    return plan

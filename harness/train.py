@@ -1,0 +1,118 @@
+"""Training with TRL's SFTTrainer: SFTConfig from conf/train, our collator, metrics callback."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from harness.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def index_dataset(n: int):
+    """A datasets.Dataset of sample indices: samples (with PIL images) stay in memory, undecoded."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"index": list(range(n))})
+
+
+class IndexedCollator:
+    """Maps a batch of {"index": i} rows to the samples and hands them to the chat collator."""
+
+    def __init__(self, collator, samples: list[dict]):
+        self.collator, self.samples = collator, samples
+
+    def __call__(self, rows: list[dict]) -> dict:
+        return self.collator([self.samples[r["index"]] for r in rows])
+
+
+class MetricsCallback(TrainerCallback):
+    """Collects the loss per step and forwards logs to W&B (if a run is active)."""
+
+    def __init__(self, wandb_run=None):
+        self.losses: list[tuple[int, float]] = []
+        self.wandb_run = wandb_run
+        self.t0 = None
+        self.train_seconds = 0.0
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.train_seconds = time.perf_counter() - self.t0
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"train/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
+                               step=state.global_step)
+
+
+def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: torch.dtype):
+    from trl import SFTConfig
+
+    t = run.train
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler_type,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to=[],
+        seed=run.seed,
+        data_seed=run.seed,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu=device.type == "cpu",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        dataloader_num_workers=t.num_workers,
+        dataloader_pin_memory=device.type == "cuda",
+        max_length=None,
+        disable_tqdm=False,
+    )
+
+
+def enable_checkpointing(model, mode: str, device) -> None:
+    """false: none; true: standard non-reentrant checkpointing per layer; unsloth: offloaded (CUDA only)."""
+    if mode == "false":
+        return
+    if mode == "unsloth" and device.type != "cuda":
+        print("note: train.gradient_checkpointing=unsloth offloads to pinned CPU memory on CUDA only; "
+              "using standard checkpointing on CPU")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
+def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype, wandb_run=None):
+    """Train; return (losses [(step, loss)], tokens seen, train seconds)."""
+    from trl import SFTTrainer
+
+    args = sft_config(run, run_dir / "checkpoints", device, dtype)
+    cb = MetricsCallback(wandb_run)
+    enable_checkpointing(model, run.train.gradient_checkpointing, device)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
+                         data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
+                         callbacks=[cb])
+    tokens_before = collator.tokens_seen
+    trainer.train()
+    losses = cb.losses
+    if any(not math.isfinite(l) for _, l in losses):
+        log.warning("non-finite loss during training: %s", [l for _, l in losses if not math.isfinite(l)][:3])
+    return losses, collator.tokens_seen - tokens_before, cb.train_seconds

@@ -1,0 +1,44 @@
+"""W&B: offline by default with its files inside the run dir; config logged with secrets redacted."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from harness.config import LoggerConfig
+from harness.secrets import redact
+
+log = logging.getLogger(__name__)
+
+
+def start(cfg: LoggerConfig, run_dir: Path, config: dict, name: str, tags: list[str]):
+    """Return an active wandb run, or None when logger.backend=none."""
+    if cfg.backend == "none" or cfg.mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or name,
+                  tags=list(dict.fromkeys([*tags, *cfg.tags])), config=redact(config), dir=str(run_dir),
+                  reinit="finish_previous", settings=wandb.Settings(console="off", x_disable_stats=True))
+    try:
+        run = wandb.init(mode=cfg.mode, **kwargs)
+    except Exception as e:  # online failed (no network, bad key): keep the run going offline
+        if cfg.mode != "online":
+            raise
+        log.warning("W&B online logging failed (%s); continuing offline", e)
+        run = wandb.init(mode="offline", **kwargs)
+    return run
+
+
+def finish(run, summary: dict) -> None:
+    if run is None:
+        return
+    for k, v in summary.items():
+        if isinstance(v, (int, float, str)):
+            run.summary[k] = v
+    offline = run.settings.mode == "offline" or getattr(run.settings, "_offline", False)
+    path = run.dir
+    run.finish()
+    if offline:
+        print(f"W&B run saved offline; upload it with: wandb sync {Path(path).parent}")

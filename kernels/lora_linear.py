@@ -1,0 +1,252 @@
+"""Fused LoRA linear: ``y = x W^T (+ b) + s * (x A^T) B^T`` with W frozen.
+
+Forward (3 cuBLAS calls, no separate scale/add kernels, no fp32 round trips)::
+
+    xa = x @ A^T                           # [N, r], kept for backward
+    y  = addmm(b, xa, B^T, alpha=s)        # the rank-r term (and bias) written once
+    y += x @ W^T                           # big GEMM, beta=1 folds the add into its epilogue
+
+Backward (dX, dA, dB; dW / db only if they require grad)::
+
+    g  = dy @ B                            # [N, r]
+    dx = s * g @ A;  dx += dy @ W          # beta=1 again
+    dA = s * g^T @ x;  dB = s * dy^T @ xa
+
+Adapters stored in fp32 (PEFT's ``autocast_adapter_dtype``) are cast to the activation dtype
+for the matmuls (tiny ``[r, K]`` casts), and their grads are returned in their own dtype.
+
+nf4 base weights (bitsandbytes ``Params4bit`` + ``QuantState``) are dequantised on the fly with
+the Triton kernel of :mod:`nf4_dequant` in forward and again in backward (never saved).
+
+:func:`lora_linear_grouped` handles several LoRA projections that share one input (Q/K/V, or
+gate/up): one concatenated ``x @ [A_1; A_2; ...]^T`` in forward, one ``dx`` accumulation and one
+``[g_1 s_1, g_2 s_2, ...]^T @ x`` for all dA in backward, so x is read twice instead of 2*n times.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .nf4_dequant import dequantize_nf4
+
+__all__ = [
+    "lora_linear",
+    "lora_linear_reference",
+    "lora_linear_grouped",
+    "lora_linear_grouped_reference",
+    "LoRALinearFunction",
+    "LoRAGroupedFunction",
+]
+
+
+def lora_linear_reference(x, weight, bias, lora_A, lora_B, scale: float):
+    """PEFT's math: ``base(x) + lora_B(lora_A(x)) * scale``."""
+    return F.linear(x, weight, bias) + F.linear(F.linear(x, lora_A), lora_B) * scale
+
+
+def lora_linear_grouped_reference(x, weights, biases, As, Bs, scales):
+    return [lora_linear_reference(x, w, b, a, bb, s) for w, b, a, bb, s in zip(weights, biases, As, Bs, scales)]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    try:
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+    except (TypeError, AttributeError, RuntimeError):  # older torch signatures
+        pass
+    return x.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
+
+
+def _materialize_weight(weight, nf4, dtype):
+    if nf4 is not None:
+        packed, quant_state = nf4
+        return dequantize_nf4(packed, quant_state, dtype=dtype)
+    return _cast(weight, dtype)
+
+
+def _mm_scaled(a, b, alpha: float, out_dtype=None):
+    """``alpha * a @ b`` in one GEMM (alpha folded into cuBLAS)."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
+    if alpha == 1.0:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale, nf4):
+        cdt = _compute_dtype(x)
+        in_shape = x.shape
+        K = in_shape[-1]
+        x2 = _cast(x.reshape(-1, K), cdt)
+        W = _materialize_weight(weight, nf4, cdt)
+        A = _cast(lora_A, cdt)
+        B = _cast(lora_B, cdt)
+        b = _cast(bias, cdt)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xa = torch.mm(x2, A.t())
+            if b is not None:
+                y = torch.addmm(b, xa, B.t(), alpha=scale)
+            else:
+                y = _mm_scaled(xa, B.t(), scale)
+            y.addmm_(x2, W.t())
+        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B, bias)
+        ctx.nf4 = nf4
+        ctx.scale = scale
+        ctx.cdt = cdt
+        ctx.in_shape = in_shape
+        ctx.x_dtype = x.dtype
+        return y.view(*in_shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, lora_A, lora_B, bias = ctx.saved_tensors
+        cdt, s = ctx.cdt, ctx.scale
+        M = dy.shape[-1]
+        dy2 = _cast(dy.reshape(-1, M), cdt)
+        A = _cast(lora_A, cdt)
+        B = _cast(lora_B, cdt)
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dx = dw = db = dA = dB = None
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            if need_x or need_a:
+                g = torch.mm(dy2, B)  # [N, r]
+            if need_x:
+                W = _materialize_weight(weight, ctx.nf4, cdt)
+                dx = _mm_scaled(g, A, s)
+                dx.addmm_(dy2, W)
+                dx = dx.view(ctx.in_shape)
+                if dx.dtype != ctx.x_dtype:
+                    dx = dx.to(ctx.x_dtype)
+            if need_a:
+                dA = _mm_scaled(g.t(), x2, s).to(lora_A.dtype)
+            if need_bb:
+                dB = _mm_scaled(dy2.t(), xa, s).to(lora_B.dtype)
+            if need_w and weight is not None:
+                dw = torch.mm(dy2.t(), x2).to(weight.dtype)
+            if need_b and bias is not None:
+                db = dy2.sum(0).to(bias.dtype)
+        return dx, dw, db, dA, dB, None, None
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, nf4=None):
+    """Fused LoRA linear.
+
+    Args:
+        x: ``[..., in]`` (any strides).
+        weight: frozen base weight ``[out, in]`` (16-bit or fp32), or ``None`` when ``nf4`` is given.
+        bias: optional ``[out]``.
+        lora_A: ``[r, in]``; lora_B: ``[out, r]``; scale: ``lora_alpha / r`` (PEFT's ``scaling``).
+        nf4: optional ``(packed_uint8, QuantState)`` of a bitsandbytes ``Params4bit`` base weight.
+    """
+    if nf4 is not None and weight is not None:
+        raise ValueError("pass either weight or nf4, not both")
+    if nf4 is None and weight is None:
+        raise ValueError("weight or nf4 is required")
+    return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), nf4)
+
+
+class LoRAGroupedFunction(torch.autograd.Function):
+    """n LoRA projections sharing x. Inputs: x, then n weights, n biases, n As, n Bs (flat)."""
+
+    @staticmethod
+    def forward(ctx, x, scales, nf4s, *params):
+        n = len(scales)
+        weights, biases, As, Bs = params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n :]
+        cdt = _compute_dtype(x)
+        K = x.shape[-1]
+        x2 = _cast(x.reshape(-1, K), cdt)
+        ranks = [a.shape[0] for a in As]
+        A_cat = torch.cat([_cast(a, cdt) for a in As], 0)
+        outs = []
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            xa = torch.mm(x2, A_cat.t())  # one read of x for all projections
+            xas = xa.split(ranks, dim=1)
+            for i in range(n):
+                W = _materialize_weight(weights[i], nf4s[i], cdt)
+                B = _cast(Bs[i], cdt)
+                b = _cast(biases[i], cdt)
+                if b is not None:
+                    y = torch.addmm(b, xas[i], B.t(), alpha=scales[i])
+                else:
+                    y = _mm_scaled(xas[i], B.t(), scales[i])
+                y.addmm_(x2, W.t())
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.save_for_backward(x2, xa, *params)
+        ctx.scales, ctx.nf4s, ctx.ranks = scales, nf4s, ranks
+        ctx.cdt, ctx.in_shape, ctx.x_dtype = cdt, x.shape, x.dtype
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, xa, *params = ctx.saved_tensors
+        scales, ranks, cdt = ctx.scales, ctx.ranks, ctx.cdt
+        n = len(scales)
+        weights, biases, As, Bs = params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n :]
+        need = ctx.needs_input_grad
+        N = x2.shape[0]
+        xas = xa.split(ranks, dim=1)
+        dweights, dbiases, dAs, dBs = [None] * n, [None] * n, [None] * n, [None] * n
+        dx = None
+        with torch.autocast(device_type=x2.device.type, enabled=False):
+            dy2s = []
+            gs = []
+            for i in range(n):
+                dy = dys[i]
+                if dy is None:
+                    dy2s.append(None)
+                    gs.append(torch.zeros((N, ranks[i]), dtype=cdt, device=x2.device))
+                    continue
+                dy2 = _cast(dy.reshape(-1, dy.shape[-1]), cdt)
+                dy2s.append(dy2)
+                # s_i * dy_i @ B_i, scale folded into the GEMM
+                gs.append(_mm_scaled(dy2, _cast(Bs[i], cdt), scales[i]))
+            g = torch.cat(gs, 1)  # [N, sum r]
+            if need[0]:
+                A_cat = torch.cat([_cast(a, cdt) for a in As], 0)
+                dx = torch.mm(g, A_cat)
+                for i in range(n):
+                    if dy2s[i] is not None:
+                        dx.addmm_(dy2s[i], _materialize_weight(weights[i], ctx.nf4s[i], cdt))
+                dx = dx.view(ctx.in_shape).to(ctx.x_dtype)
+            dA_cat = torch.mm(g.t(), x2)  # one read of x for all dA
+            for i, dA in enumerate(dA_cat.split(ranks, 0)):
+                if need[3 + 2 * n + i]:
+                    dAs[i] = dA.to(As[i].dtype)
+            for i in range(n):
+                if dy2s[i] is None:
+                    continue
+                if need[3 + 3 * n + i]:
+                    dBs[i] = _mm_scaled(dy2s[i].t(), xas[i], scales[i]).to(Bs[i].dtype)
+                if need[3 + i] and weights[i] is not None:
+                    dweights[i] = torch.mm(dy2s[i].t(), x2).to(weights[i].dtype)
+                if need[3 + n + i] and biases[i] is not None:
+                    dbiases[i] = dy2s[i].sum(0).to(biases[i].dtype)
+        return (dx, None, None, *dweights, *dbiases, *dAs, *dBs)
+
+
+def lora_linear_grouped(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor | None],
+    biases: Sequence[torch.Tensor | None],
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    nf4s: Sequence | None = None,
+):
+    """Several LoRA linears on the same x (e.g. q/k/v or gate/up). Returns a tuple of outputs."""
+    n = len(As)
+    nf4s = tuple(nf4s) if nf4s is not None else (None,) * n
+    if not (len(weights) == len(biases) == len(Bs) == len(scales) == len(nf4s) == n):
+        raise ValueError("weights, biases, As, Bs, scales (and nf4s) must have the same length")
+    return LoRAGroupedFunction.apply(
+        x, tuple(float(s) for s in scales), nf4s, *weights, *biases, *As, *Bs
+    )
