@@ -186,9 +186,29 @@ def _positive(key: str, value: Any, integer: bool = False) -> None:
         _fail(key, value, f"{'an integer' if integer else 'a number'} > 0")
 
 
+def _reject_unknown_keys(cfg: DictConfig) -> None:
+    """`+lora.rank=8` bypasses Hydra's struct mode; catch such typos here, with the nearest valid key."""
+    import dataclasses
+    import difflib
+
+    def check(node, schema, prefix):
+        fields = {f.name: f for f in dataclasses.fields(schema)}
+        for key in node.keys():
+            if key not in fields:
+                near = difflib.get_close_matches(str(key), list(fields), n=3)
+                _fail(prefix + str(key), node[key], f"known keys of {prefix.rstrip('.') or 'the root'}: "
+                      + (f"did you mean {', '.join(near)}? " if near else "") + ", ".join(fields))
+            sub = fields[key].default_factory if fields[key].default_factory is not dataclasses.MISSING else None
+            if sub is not None and dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
+                check(node[key], sub, f"{prefix}{key}.")
+
+    check(cfg, RunConfig, "")
+
+
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     """Check values and choices; return the config as a typed RunConfig object."""
     if isinstance(cfg, DictConfig):
+        _reject_unknown_keys(cfg)
         run: RunConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
     else:
         run = cfg

@@ -115,18 +115,22 @@ def load_processor(path: str, arch: Architecture, min_pixels: int, max_pixels: i
     if not arch.is_multimodal:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     try:
-        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code,
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code,
                                              min_pixels=min_pixels, max_pixels=max_pixels)
+        if hasattr(proc, "image_processor"):
+            return proc
+        reason = f"AutoProcessor returned only a {type(proc).__name__}"
     except (ImportError, AttributeError, ValueError, TypeError) as e:
-        if arch.processor != "qwen2_vl":
-            raise
-        # No torchvision: rebuild the image-only processor from the saved parts.
-        log.info("AutoProcessor failed (%s); using the image-only Qwen2-VL processor", e)
-        from transformers import AutoImageProcessor
+        reason = f"AutoProcessor failed: {e}"
+    if arch.processor != "qwen2_vl":
+        raise RuntimeError(f"could not load the processor of {path}: {reason}")
+    # No torchvision, or a checkpoint saved by this harness: the image-only processor from the saved parts.
+    log.info("%s; using the image-only Qwen2-VL processor", reason)
+    from transformers import AutoImageProcessor
 
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        ip = AutoImageProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
-        return _image_only_qwen2_vl()(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ip = AutoImageProcessor.from_pretrained(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    return _image_only_qwen2_vl()(image_processor=ip, tokenizer=tok, chat_template=tok.chat_template)
 
 
 def tokenizer_of(processor):

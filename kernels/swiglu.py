@@ -25,21 +25,14 @@ def gated_act_reference(gate: torch.Tensor, up: torch.Tensor, act: str = "silu")
 
 
 @jit
-def _tanh(x):
-    # tanh via exp (portable across Triton versions / the interpreter); stable for large |x|
-    e = tl.exp(-2.0 * tl.abs(x))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(x >= 0, t, -t)
-
-
-@jit
 def _act_fwd(g, ACT: tl.constexpr):
     if ACT == 0:
         a = g * tl.sigmoid(g)
     else:
+        # 0.5 * g * (1 + tanh(u)) == g * sigmoid(2u): no cancellation for negative g
         k0: tl.constexpr = 0.7978845608028654  # sqrt(2/pi)
         inner = k0 * (g + 0.044715 * g * g * g)
-        a = 0.5 * g * (1.0 + _tanh(inner))
+        a = g * tl.sigmoid(2.0 * inner)
     return a
 
 
@@ -53,9 +46,9 @@ def _act_fwd_bwd(g, ACT: tl.constexpr):
     else:
         k0: tl.constexpr = 0.7978845608028654
         inner = k0 * (g + 0.044715 * g * g * g)
-        t = _tanh(inner)
-        a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
+        s = tl.sigmoid(2.0 * inner)  # = 0.5 * (1 + tanh(inner)); 1 - tanh^2 = 4 s (1 - s)
+        a = g * s
+        da = s + 2.0 * g * s * (1.0 - s) * k0 * (1.0 + 3.0 * 0.044715 * g * g)
     return a, da
 
 

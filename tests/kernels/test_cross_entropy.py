@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from harness.kernels.cross_entropy import (
+    FusedLinearCrossEntropyFunction,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+
+
+def _labels(n, v, p_ignore=0.25):
+    lab = torch.randint(0, v, (n,))
+    lab[torch.rand(n) < p_ignore] = -100
+    return lab
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("num_items", [None, 17])
+def test_fused_ce_fp32(seed, cpu_interp, close, softcap, weight_grad, num_items):
+    N, H, V = 37, 67, 1001
+    h = torch.randn(N, 2 * H)[:, ::2].requires_grad_(True)  # non-contiguous
+    w = (torch.randn(V, H) / H**0.5).requires_grad_(weight_grad)
+    lab = _labels(N, V)
+    loss = FusedLinearCrossEntropyFunction.apply(h, w, lab, None, -100, softcap, num_items, 8)  # 5 chunks
+    inputs = (h, w) if weight_grad else (h,)
+    g = torch.autograd.grad(loss * 1.7, inputs)  # non-unit upstream grad
+    h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(weight_grad)
+    ref = fused_linear_cross_entropy_reference(h64, w64, lab, -100, softcap, num_items)
+    gr = torch.autograd.grad(ref * 1.7, (h64, w64) if weight_grad else (h64,))
+    close(loss, ref, 1e-5, 1e-5, "loss")
+    for a, e in zip(g, gr):
+        close(a, e, 1e-5, 1e-5, "grad")
+
+
+def test_fused_ce_fp16(seed, cpu_interp, close):
+    N, H, V = 29, 67, 1001
+    h = torch.randn(N, H).half().requires_grad_(True)
+    w = (torch.randn(V, H) / H**0.5).half()
+    lab = _labels(N, V)
+    loss = fused_linear_cross_entropy(h, w, lab)
+    (dh,) = torch.autograd.grad(loss, (h,))
+    h32 = h.detach().float().requires_grad_(True)
+    ref = fused_linear_cross_entropy_reference(h32, w.float(), lab)
+    (dhr,) = torch.autograd.grad(ref, (h32,))
+    close(loss, ref, 1e-2, 1e-2, "loss")
+    close(dh, dhr, 1e-2, 1e-3, "dh")
+
+
+def test_all_ignored_is_zero(cpu_interp):
+    h = torch.randn(5, 16, requires_grad=True)
+    w = torch.randn(33, 16)
+    loss = fused_linear_cross_entropy(h, w, torch.full((5,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().max().item() == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [151936, 262144])
+def test_fused_ce_bf16_gpu(cuda, rel, vocab):
+    torch.manual_seed(vocab)
+    N, H = 1024, 1536
+    h = torch.randn(N, H, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(vocab, H, device=cuda) / H**0.5).bfloat16().requires_grad_(True)
+    lab = _labels(N, vocab).to(cuda)
+    loss = fused_linear_cross_entropy(h, w, lab)
+    dh, dw = torch.autograd.grad(loss, (h, w))
+    h32, w32 = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ref = fused_linear_cross_entropy_reference(h32, w32, lab)
+    dhr, dwr = torch.autograd.grad(ref, (h32, w32))
+    assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
+    assert rel(dh, dhr) < 2e-2 and rel(dw, dwr) < 2e-2

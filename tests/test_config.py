@@ -1,0 +1,67 @@
+"""Bad values fail at startup, before any model is built, naming the key, the value and what is allowed."""
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from harness.config import ConfigError
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("lora.r=0", "lora.r=0", "an integer > 0"),
+    ("lora.r=-4", "lora.r=-4", "an integer > 0"),
+    ("train.learning_rate=0", "train.learning_rate=0", "a number > 0"),
+    ("train.learning_rate=-1e-4", "train.learning_rate=-0.0001", "a number > 0"),
+    ("train.max_steps=0", "train.max_steps=0", "an integer > 0"),
+    ("data.eval_fraction=0", "data.eval_fraction=0", "strictly between 0 and 1"),
+    ("data.eval_fraction=1.5", "data.eval_fraction=1.5", "strictly between 0 and 1"),
+    ("lora.bias=some", "lora.bias='some'", "none, all, lora_only"),
+    ("quant.mode=3bit", "quant.mode='3bit'", "none, 8bit, 4bit"),
+    ("mode=fly", "mode='fly'", "train, plan"),
+    ("model.arch=gpt9", "model.arch='gpt9'", "qwen2_vl"),
+    ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing='maybe'", "unsloth, true, false"),
+])
+def test_bad_value_names_key_value_and_choices(compose, override, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    msg = str(e.value)
+    assert key in msg and allowed in msg, msg
+
+
+def test_full_finetuning_on_quantized_base_is_refused(compose):
+    with pytest.raises(ConfigError, match=r"train.full_finetuning=True .*quant.mode=4bit"):
+        compose(["quant=4bit", "train.full_finetuning=true"])
+
+
+def test_misspelled_key_fails_at_composition(compose):
+    with pytest.raises(ConfigCompositionException, match="rank"):
+        compose(["lora.rank=8"])
+
+
+def test_added_unknown_key_is_refused_with_suggestion(compose):
+    """`+key=value` bypasses Hydra's struct mode; validation still names the typo and the nearest key."""
+    with pytest.raises(ConfigError, match=r"lora.lora_alfa=8 .*did you mean lora_alpha"):
+        compose(["+lora.lora_alfa=8"])
+
+
+def test_wrong_type_fails_at_composition(compose):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose(["lora.r=sixteen"])
+
+
+def test_default_config_is_valid(compose):
+    _, run = compose()
+    assert (run.model.name, run.lora.strategy, run.quant.mode, run.data.name) == (
+        "tiny_qwen2_vl", "full", "none", "digits_vqa")
+    assert run.logger.backend == "wandb" and run.logger.mode == "offline"
+
+
+def test_cli_bad_value_exits_before_building_anything(tmp_path):
+    """The CLI prints one clear line and exits 2, fast (no model, no data)."""
+    p = subprocess.run([sys.executable, "-m", "harness", "lora.r=0", f"hydra.run.dir={tmp_path}/run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "invalid config: lora.r=0 (allowed: an integer > 0)" in p.stderr
+    assert not (tmp_path / "run" / "plan.json").exists()
