@@ -97,7 +97,24 @@ def __getattr__(name):  # lazy: importing transformers' processors is slow
     raise AttributeError(name)
 
 
+def register_processor(family: str):
+    """Decorator for a family module harness/processors/<family>.py: builder(arch, min_pixels, max_pixels)."""
+
+    def deco(fn):
+        LOCAL_PROCESSORS[family] = fn
+        return fn
+
+    return deco
+
+
 def build_local_processor(arch: Architecture, min_pixels: int, max_pixels: int):
+    if arch.processor not in LOCAL_PROCESSORS:
+        import importlib
+
+        try:  # families live in their own module, which registers its builder on import
+            importlib.import_module(f"harness.processors.{arch.processor}")
+        except ModuleNotFoundError:
+            pass
     try:
         builder = LOCAL_PROCESSORS[arch.processor]
     except KeyError:
