@@ -1,6 +1,8 @@
 """Evaluation by generation: batched greedy answers for held-out samples, exact-match accuracy."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -13,8 +15,11 @@ def normalize(text: str) -> str:
 
 @torch.no_grad()
 def generate_answers(model, collator: ChatCollator, samples: list[dict], batch_size: int, max_new_tokens: int,
-                     device, desc: str = "eval") -> list[str]:
-    """Inference mode: eval(), KV cache on, left padding; returns the decoded answers."""
+                     device, desc: str = "eval", dtype: torch.dtype = torch.float32) -> list[str]:
+    """Inference mode: eval(), KV cache on, left padding; returns the decoded answers.
+
+    16-bit runs generate under autocast, as they train: modules_to_save are kept in fp32.
+    """
     was_training = model.training
     model.eval()
     tok = collator.tokenizer
@@ -22,8 +27,11 @@ def generate_answers(model, collator: ChatCollator, samples: list[dict], batch_s
     for i in tqdm(range(0, len(samples), batch_size), desc=desc, leave=False):
         chunk = samples[i : i + batch_size]
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator.prompts(chunk).items()}
-        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        amp = (torch.autocast(device.type, dtype=dtype) if dtype in (torch.bfloat16, torch.float16)
+               else contextlib.nullcontext())
+        with amp:
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         new = out[:, batch["input_ids"].shape[1]:]
         answers += tok.batch_decode(new, skip_special_tokens=True)
     if was_training:
@@ -37,8 +45,8 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
 
 
-def evaluate(model, collator, samples, batch_size, max_new_tokens, device) -> dict:
-    preds = generate_answers(model, collator, samples, batch_size, max_new_tokens, device)
+def evaluate(model, collator, samples, batch_size, max_new_tokens, device, dtype=torch.float32) -> dict:
+    preds = generate_answers(model, collator, samples, batch_size, max_new_tokens, device, dtype=dtype)
     refs = [s["answer"] for s in samples]
     return {"exact_match": exact_match(preds, refs), "n_eval": len(samples),
             "examples": [{"answer": r, "prediction": p} for r, p in list(zip(refs, preds))[:10]]}

@@ -95,7 +95,8 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     losses, tokens, train_s = train(run, model, processor, collator, train_samples, run_dir, device, dtype, wb)
 
     t_eval = time.perf_counter()
-    result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device)
+    result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device,
+                      dtype)
     eval_s = time.perf_counter() - t_eval
 
     if run.save.adapter and plan is not None:

@@ -107,9 +107,15 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
     enable_checkpointing(model, run.train.gradient_checkpointing, device)
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     trainer = SFTTrainer(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
                          data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
                          callbacks=[cb])
+    # TRL casts every trainable parameter of a quantized model to bf16; keep ours as set up
+    # (LoRA as PEFT made it, modules_to_save in fp32).
+    for n, p in model.named_parameters():
+        if n in dtypes and p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
     tokens_before = collator.tokens_seen
     trainer.train()
     losses = cb.losses

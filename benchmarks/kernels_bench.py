@@ -1,0 +1,342 @@
+"""Benchmark + bf16 spot checks of harness.kernels on CUDA.
+
+    python benchmarks/kernels_bench.py [--out DIR] [--quick]
+
+Times with triton.testing.do_bench (median). For memory-bound kernels it reports achieved GB/s
+(minimal bytes: each input read once, each output written once) and the % of a device-to-device
+copy measured in the same run (bytes read + written). For LoRA it reports fused fwd+bwd vs the
+plain cuBLAS base matmul fwd+bwd (x @ W^T, dX); for the fused CE, time and peak memory vs the
+unfused loss (logits materialised and upcast to fp32, as transformers does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+try:
+    from harness.kernels import (  # installed package
+        apply_rotary_pos_emb,
+        apply_rotary_pos_emb_reference,
+        dequantize_nf4,
+        fused_linear_cross_entropy,
+        fused_linear_cross_entropy_reference,
+        gated_act,
+        gated_act_reference,
+        lora_linear,
+        lora_linear_grouped,
+        lora_linear_reference,
+        mrope_cos_sin,
+        rms_norm,
+        rms_norm_reference,
+    )
+except ImportError:  # run from a bare checkout: map kernels/ to harness.kernels
+    import importlib.util
+    import types
+
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    pkg = types.ModuleType("harness")
+    pkg.__path__ = [os.path.join(root, "harness")]
+    sys.modules.setdefault("harness", pkg)
+    spec = importlib.util.spec_from_file_location(
+        "harness.kernels", os.path.join(root, "kernels", "__init__.py"),
+        submodule_search_locations=[os.path.join(root, "kernels")],
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["harness.kernels"] = mod
+    spec.loader.exec_module(mod)
+    from harness.kernels import *  # noqa: F401,F403
+    from harness.kernels import (  # noqa: F811
+        apply_rotary_pos_emb, apply_rotary_pos_emb_reference, dequantize_nf4, fused_linear_cross_entropy,
+        fused_linear_cross_entropy_reference, gated_act, gated_act_reference, lora_linear, lora_linear_grouped,
+        lora_linear_reference, mrope_cos_sin, rms_norm, rms_norm_reference,
+    )
+
+import triton  # noqa: E402
+
+ROWS: list[dict] = []
+CHECKS: list[dict] = []
+DT = torch.bfloat16
+DEV = "cuda"
+
+
+def bench(fn, warmup=25, rep=100):
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def row(kernel, shape, ms, nbytes=None, copy_bw=None, note=""):
+    gbs = nbytes / ms / 1e6 if nbytes else None
+    pct = 100 * gbs / copy_bw if (gbs and copy_bw) else None
+    r = dict(kernel=kernel, shape=shape, ms=ms, gbs=gbs, pct_copy=pct, note=note)
+    ROWS.append(r)
+    print(f"  {kernel:<28} {shape:<34} {ms:8.4f} ms  "
+          f"{'' if gbs is None else f'{gbs:7.0f} GB/s {pct:5.1f}%'}  {note}", flush=True)
+
+
+def check(name, err, bound):
+    CHECKS.append(dict(check=name, rel_err=err, bound=bound, ok=err < bound))
+    print(f"  check {name:<50} rel err {err:.2e} ({'ok' if err < bound else 'FAIL'} < {bound:g})", flush=True)
+
+
+def copy_bandwidth():
+    n = 1 << 29  # 1 GiB of bf16
+    a = torch.randn(n // 2, device=DEV, dtype=torch.float32).view(DT)
+    b = torch.empty_like(a)
+    ms = bench(lambda: b.copy_(a))
+    bw = 2 * a.numel() * a.element_size() / ms / 1e6
+    del a, b
+    return bw, ms
+
+
+def grad_fn(out_fn, inputs, dy):
+    def f():
+        y = out_fn()
+        return torch.autograd.grad(y, inputs, dy)
+    return f
+
+
+# ----------------------------------------------------------------------------- kernels
+def bench_rms(copy_bw, N, H):
+    x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
+    w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(True)
+    dy = torch.randn(N, H, device=DEV, dtype=DT)
+    y = rms_norm(x, w, 1e-6)
+    row("rms_norm fwd", f"[{N},{H}]", bench(lambda: rms_norm(x, w, 1e-6)), 2 * N * H * 2 + H * 2, copy_bw)
+    ms_fb = bench(lambda: torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), dy))
+    ms_f = ROWS[-1]["ms"]
+    # bwd reads dy, x, rstd and writes dx (dW partials are small)
+    row("rms_norm bwd", f"[{N},{H}]", ms_fb - ms_f, 3 * N * H * 2 + 4 * N, copy_bw, "(fwd+bwd minus fwd)")
+    ref_ms = bench(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy))
+    row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", ref_ms, note=f"fused fwd+bwd {ms_fb:.4f} ms")
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    yr = rms_norm_reference(x32, w32, 1e-6)
+    dxr, dwr = torch.autograd.grad(yr, (x32, w32), dy.float())
+    check(f"rms_norm y/dx/dw H={H}", max(rel(y, yr), rel(dx, dxr), rel(dw, dwr)), 1e-2)
+
+
+def bench_rope(copy_bw, N, H):
+    D = 128
+    hq, hk = H // D, max(2, H // D // 7)
+    B, S = 4, N // 4
+    inv_freq = 1.0 / (1000000 ** (torch.arange(0, D, 2, dtype=torch.float, device=DEV) / D))
+    pos = torch.randint(0, 4096, (3, B, S), device=DEV)
+    cos, sin = mrope_cos_sin(pos, inv_freq, [16, 24, 24], dtype=DT)
+    q = torch.randn(B, S, hq, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_(True)
+    k = torch.randn(B, S, hk, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_(True)
+    nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
+    row("rope fwd (q+k)", f"B{B} S{S} hq{hq} hk{hk} D{D}", bench(lambda: apply_rotary_pos_emb(q, k, cos, sin)), nbytes, copy_bw)
+    ref = bench(lambda: apply_rotary_pos_emb_reference(q, k, cos, sin))
+    row("rope fwd torch ref", f"B{B} S{S} hq{hq} hk{hk} D{D}", ref, nbytes, copy_bw)
+    qo, ko = apply_rotary_pos_emb(q, k, cos, sin)
+    go = (torch.randn_like(qo), torch.randn_like(ko))
+    fb = bench(lambda: torch.autograd.grad(apply_rotary_pos_emb(q, k, cos, sin), (q, k), go))
+    row("rope fwd+bwd", f"B{B} S{S} hq{hq} hk{hk} D{D}", fb, 2 * nbytes, copy_bw)
+    dq, dk = torch.autograd.grad((qo, ko), (q, k), go)
+    q32, k32 = q.detach().float().requires_grad_(True), k.detach().float().requires_grad_(True)
+    qr, kr = apply_rotary_pos_emb_reference(q32, k32, cos.float(), sin.float())
+    dqr, dkr = torch.autograd.grad((qr, kr), (q32, k32), (go[0].float(), go[1].float()))
+    check(f"rope q/k/dq/dk H={H}", max(rel(qo, qr), rel(ko, kr), rel(dq, dqr), rel(dk, dkr)), 1e-2)
+
+
+def bench_gated(copy_bw, N, I, act):
+    g = torch.randn(N, I, device=DEV, dtype=DT, requires_grad=True)
+    u = torch.randn(N, I, device=DEV, dtype=DT, requires_grad=True)
+    dh = torch.randn(N, I, device=DEV, dtype=DT)
+    name = "swiglu" if act == "silu" else "geglu"
+    f = bench(lambda: gated_act(g, u, act))
+    row(f"{name} fwd", f"[{N},{I}]", f, 3 * N * I * 2, copy_bw)
+    fb = bench(lambda: torch.autograd.grad(gated_act(g, u, act), (g, u), dh))
+    row(f"{name} bwd", f"[{N},{I}]", fb - f, 5 * N * I * 2, copy_bw, "(fwd+bwd minus fwd)")
+    ref = bench(lambda: torch.autograd.grad(gated_act_reference(g, u, act), (g, u), dh))
+    row(f"{name} fwd+bwd torch ref", f"[{N},{I}]", ref, note=f"fused fwd+bwd {fb:.4f} ms")
+    h = gated_act(g, u, act)
+    dg, du = torch.autograd.grad(h, (g, u), dh)
+    g32, u32 = g.detach().float().requires_grad_(True), u.detach().float().requires_grad_(True)
+    hr = gated_act_reference(g32, u32, act)
+    dgr, dur = torch.autograd.grad(hr, (g32, u32), dh.float())
+    check(f"{name} h/dg/du I={I}", max(rel(h, hr), rel(dg, dgr), rel(du, dur)), 1e-2)
+
+
+def bench_nf4(copy_bw, M, K):
+    try:
+        import bitsandbytes.functional as bnbf
+    except Exception as e:  # pragma: no cover
+        print(f"  nf4: bitsandbytes unavailable ({e}); skipped")
+        return None
+    w = torch.randn(M, K, device=DEV, dtype=DT) * 0.02
+    packed, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    n = M * K
+    nbytes = n // 2 + n * 2 + qs.absmax.numel() + qs.state2.absmax.numel() * 4
+    out = torch.empty(M, K, device=DEV, dtype=DT)
+    ms = bench(lambda: dequantize_nf4(packed, qs, out=out))
+    row("nf4 dequant (double-quant)", f"[{M},{K}] bs64", ms, nbytes, copy_bw)
+    ref = bench(lambda: bnbf.dequantize_4bit(packed, qs, quant_type="nf4"))
+    row("nf4 dequant bitsandbytes", f"[{M},{K}] bs64", ref, nbytes, copy_bw)
+    check(f"nf4 vs bnb [{M},{K}]", rel(dequantize_nf4(packed, qs), bnbf.dequantize_4bit(packed, qs, quant_type="nf4")), 1e-3)
+    return packed, qs
+
+
+def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
+    adapter_dtype = adapter_dtype or DT
+    x = torch.randn(N, K, device=DEV, dtype=DT, requires_grad=True)
+    W = torch.randn(M, K, device=DEV, dtype=DT) / K**0.5
+    A = (torch.randn(r, K, device=DEV) / K**0.5).to(adapter_dtype).requires_grad_(True)
+    B = (torch.randn(M, r, device=DEV) * 0.1).to(adapter_dtype).requires_grad_(True)
+    dy = torch.randn(N, M, device=DEV, dtype=DT)
+    s = 2.0
+    shape = f"x[{N},{K}] W[{M},{K}] r{r}" + ("" if adapter_dtype == DT else " A/B fp32")
+    base = bench(grad_fn(lambda: F.linear(x, W), (x,), dy))
+    row("base matmul fwd+bwd (cuBLAS)", shape, base)
+    fused = bench(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
+    row("lora_linear fused fwd+bwd", shape, fused, note=f"overhead vs base {100 * (fused / base - 1):+.1f}%")
+    if adapter_dtype == DT:
+        peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
+    else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
+        peft_fn = lambda: (F.linear(x, W) + F.linear(F.linear(x.float(), A), B) * s).to(DT)  # noqa: E731
+    peft = bench(grad_fn(peft_fn, (x, A, B), dy))
+    row("lora PEFT-style unfused fwd+bwd", shape, peft, note=f"overhead vs base {100 * (peft / base - 1):+.1f}%")
+    fwd_base = bench(lambda: F.linear(x, W))
+    fwd_fused = bench(lambda: lora_linear(x, W, None, A, B, s))
+    row("  fwd only: base / fused", shape, fwd_fused, note=f"base {fwd_base:.4f} ms ({100 * (fwd_fused / fwd_base - 1):+.1f}%)")
+    y = lora_linear(x, W, None, A, B, s)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    x32, A32, B32 = (t.detach().float().requires_grad_(True) for t in (x, A, B))
+    yr = lora_linear_reference(x32, W.float(), None, A32, B32, s)
+    dxr, dAr, dBr = torch.autograd.grad(yr, (x32, A32, B32), dy.float())
+    check(f"lora y/dx/dA/dB {shape}", max(rel(y, yr), rel(dx, dxr), rel(dA, dAr), rel(dB, dBr)), 2e-2)
+    if nf4 is not None:
+        packed, qs = nf4
+        fused4 = bench(grad_fn(lambda: lora_linear(x, None, None, A, B, s, nf4=(packed, qs)), (x, A, B), dy))
+        row("lora_linear nf4 fused fwd+bwd", shape, fused4, note=f"vs 16-bit base {100 * (fused4 / base - 1):+.1f}%")
+    return base, fused
+
+
+def bench_lora_qkv(N, H, r=16):
+    D = 128
+    hq, hk = H // D, max(2, H // D // 7)
+    x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
+    outs = [hq * D, hk * D, hk * D]
+    Ws = [torch.randn(m, H, device=DEV, dtype=DT) / H**0.5 for m in outs]
+    bs = [torch.randn(m, device=DEV, dtype=DT) for m in outs]
+    As = [(torch.randn(r, H, device=DEV, dtype=DT) / H**0.5).requires_grad_(True) for _ in outs]
+    Bs = [(torch.randn(m, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True) for m in outs]
+    dys = [torch.randn(N, m, device=DEV, dtype=DT) for m in outs]
+    shape = f"x[{N},{H}] q{outs[0]} k{outs[1]} v{outs[2]} r{r}"
+    base = bench(grad_fn(lambda: [F.linear(x, W, b) for W, b in zip(Ws, bs)], (x,), dys))
+    row("qkv base matmuls fwd+bwd", shape, base)
+    sep = bench(grad_fn(lambda: [lora_linear(x, W, b, A, B, 2.0) for W, b, A, B in zip(Ws, bs, As, Bs)], (x, *As, *Bs), dys))
+    row("qkv 3x lora_linear fwd+bwd", shape, sep, note=f"overhead vs base {100 * (sep / base - 1):+.1f}%")
+    grp = bench(grad_fn(lambda: lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * 3), (x, *As, *Bs), dys))
+    row("qkv lora_linear_grouped fwd+bwd", shape, grp, note=f"overhead vs base {100 * (grp / base - 1):+.1f}%")
+
+
+def peak_extra(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_ce(N, H, V, weight_grad=False):
+    h = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
+    w = (torch.randn(V, H, device=DEV) / H**0.5).to(DT).requires_grad_(weight_grad)
+    lab = torch.randint(0, V, (N,), device=DEV)
+    lab[torch.rand(N, device=DEV) < 0.1] = -100
+    ins = (h, w) if weight_grad else (h,)
+    shape = f"[{N},{H}] V{V}" + (" +dW" if weight_grad else "")
+
+    def fused():
+        return torch.autograd.grad(fused_linear_cross_entropy(h, w, lab), ins)
+
+    def unfused():
+        return torch.autograd.grad(fused_linear_cross_entropy_reference(h, w, lab), ins)
+
+    tf, tu = bench(fused, 5, 30), bench(unfused, 5, 30)
+    mf, mu = peak_extra(fused), peak_extra(unfused)
+    row("fused linear CE fwd+bwd", shape, tf, note=f"peak extra {mf:.0f} MiB")
+    row("unfused CE fwd+bwd (fp32 logits)", shape, tu, note=f"peak extra {mu:.0f} MiB; fused/unfused mem = {mf / mu:.3f}")
+    lf = fused_linear_cross_entropy(h, w, lab)
+    gf = torch.autograd.grad(lf, ins)
+    h32, w32 = h.detach().float().requires_grad_(True), w.detach().float().requires_grad_(weight_grad)
+    lr = fused_linear_cross_entropy_reference(h32, w32, lab)
+    gr = torch.autograd.grad(lr, (h32, w32) if weight_grad else (h32,))
+    check(f"CE loss/grads {shape}", max([abs(lf.item() - lr.item()) / abs(lr.item())] + [rel(a, b) for a, b in zip(gf, gr)]), 2e-2)
+    return mf, mu
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    assert torch.cuda.is_available(), "needs CUDA"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.time()
+    name = torch.cuda.get_device_name()
+    print(f"# device {name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    copy_bw, copy_ms = copy_bandwidth()
+    print(f"# device-to-device copy: {copy_bw:.0f} GB/s (1 GiB in {copy_ms:.3f} ms, read+write counted)", flush=True)
+    N = 8192
+    hiddens = [1536, 3584]
+    inters = {1536: 8960, 3584: 18944}
+    for H in hiddens:
+        bench_rms(copy_bw, N, H)
+    for H in hiddens:
+        bench_rope(copy_bw, N, H)
+    for H in hiddens:
+        for act in ("silu", "gelu_tanh"):
+            bench_gated(copy_bw, N, inters[H], act)
+    nf4 = {}
+    for H in hiddens:
+        nf4[H] = bench_nf4(copy_bw, H, H)
+        bench_nf4(copy_bw, inters[H], H)
+    lora_res = {}
+    for H in hiddens:
+        lora_res[(H, H)] = bench_lora(N, H, H, nf4=nf4[H])
+    lora_res[(3584, 18944)] = bench_lora(N, 3584, 18944)
+    lora_res[(18944, 3584)] = bench_lora(N, 18944, 3584)
+    bench_lora(N, 3584, 3584, adapter_dtype=torch.float32)
+    for H in hiddens:
+        bench_lora_qkv(N, H)
+    ce = {}
+    for H in hiddens:
+        ce[H] = bench_ce(N, H, 151936)
+    bench_ce(N, 1536, 151936, weight_grad=True)
+    if not args.quick:
+        bench_ce(2048, 1536, 262144)
+    print(f"\n# done in {time.time() - t0:.0f} s\n")
+    print(f"## {name}; copy bandwidth {copy_bw:.0f} GB/s\n")
+    print("| kernel | shape | time ms | GB/s | % copy | note |")
+    print("|---|---|---:|---:|---:|---|")
+    for r in ROWS:
+        gbs = "" if r["gbs"] is None else f"{r['gbs']:.0f}"
+        pct = "" if r["pct_copy"] is None else f"{r['pct_copy']:.0f}%"
+        print(f"| {r['kernel'].strip()} | {r['shape']} | {r['ms']:.4f} | {gbs} | {pct} | {r['note']} |")
+    print("\n| bf16 spot check | rel err | ok |\n|---|---:|---|")
+    for c in CHECKS:
+        print(f"| {c['check']} | {c['rel_err']:.2e} | {'yes' if c['ok'] else 'NO'} |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(dict(device=name, copy_gbs=copy_bw, rows=ROWS, checks=CHECKS), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

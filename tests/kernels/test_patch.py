@@ -1,0 +1,103 @@
+"""accelerate_model on a tiny random Qwen2-VL wrapped with PEFT LoRA (CPU, TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+
+from harness.kernels.patch import accelerate_model, revert_model
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "qkv", "fc1", "fc2"]
+IMG, VSTART = 299, 297
+
+
+def _tiny_model():
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=300, max_position_embeddings=256,
+            bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                           temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+        image_token_id=IMG, video_token_id=298, vision_start_token_id=VSTART,
+    )
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(cfg).float().eval()
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
+    model = peft.get_peft_model(model, lcfg)
+    with torch.no_grad():  # B is zero at init: randomise so that every LoRA grad is non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+            with torch.no_grad():
+                if n.endswith("norm.weight") or "layernorm" in n:
+                    p.normal_(1.0, 0.2)
+    return model
+
+
+def _inputs(seed):
+    g = torch.Generator().manual_seed(seed)
+    bsz, seq = 2, 13
+    ids = torch.randint(3, 290, (bsz, seq), generator=g)
+    ids[:, 1] = VSTART
+    ids[:, 2:6] = IMG  # 16 patches -> 4 merged tokens per image
+    pixel_values = torch.randn(bsz * 16, 3 * 2 * 4 * 4, generator=g)
+    grid = torch.tensor([[1, 4, 4]] * bsz)
+    mm = torch.zeros_like(ids)
+    mm[:, 2:6] = 1  # image tokens
+    labels = ids.clone()
+    labels[:, :6] = -100
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values,
+                image_grid_thw=grid, mm_token_type_ids=mm, labels=labels)
+
+
+def _loss_and_grads(model, inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model._last_logits_none = out.logits is None
+    return out.loss.detach(), grads
+
+
+def test_accelerate_model_matches_reference(cpu_interp, seed):
+    model = _tiny_model()
+    inputs = _inputs(seed)
+    sd_keys = list(model.state_dict().keys())
+    adapter_keys = list(peft.get_peft_model_state_dict(model).keys())
+    loss_ref, grads_ref = _loss_and_grads(model, inputs)
+
+    report = accelerate_model(model, {"enabled": True, "lora": True, "rms_norm": True, "rope": True,
+                                      "swiglu": True, "cross_entropy": True}, force=True)
+    try:
+        assert len(report["lora_linear"]) == 2 * 5 + 3  # text: q,v,gate,up,down x2 layers; vision: qkv,fc1,fc2
+        assert len(report["rms_norm"]) == 5
+        assert len(report["swiglu"]) == 2
+        assert len(report["rope"]) == 2
+        assert len(report["cross_entropy"]) == 1
+        # state-dict neutral: no new parameters / buffers, adapter saving unchanged
+        assert list(model.state_dict().keys()) == sd_keys
+        assert list(peft.get_peft_model_state_dict(model).keys()) == adapter_keys
+
+        loss, grads = _loss_and_grads(model, inputs)
+        assert model._last_logits_none  # the fused CE path ran (no logits materialised)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+        assert grads.keys() == grads_ref.keys() and len(grads) > 0
+        for n in grads:
+            assert "lora_" in n
+            torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    finally:
+        revert_model(model)
+    loss2, _ = _loss_and_grads(model, inputs)
+    torch.testing.assert_close(loss2, loss_ref, rtol=1e-6, atol=1e-7)
+    assert "forward" not in model.base_model.model.lm_head.__dict__
+
+
+def test_auto_on_cpu_swaps_nothing():
+    model = _tiny_model()
+    assert accelerate_model(model, {"enabled": "auto"}) == {}
+    assert accelerate_model(model, {"enabled": False}, force=True) == {}
