@@ -1,8 +1,11 @@
 """`harness`: the Hydra entry point. Compose, validate, dispatch on `mode`; everything else lives elsewhere."""
 from __future__ import annotations
 
+import gc
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -34,16 +37,65 @@ def dispatch(cfg: DictConfig):
 
         config_dict = redact(OmegaConf.to_container(cfg, resolve=True))
         return train_run(run, config_dict, run_dir())["eval_exact_match"]
+    if run.mode == "report":
+        from harness.report import print_report, write_report
+
+        result = write_report(Path(run.path))
+        print_report(result)
+        return len(result["failed"])
     raise ConfigError(f"mode={run.mode} is not implemented yet")
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _record_failure(e: BaseException) -> None:
+    """status.json + traceback.txt in this job's own directory (never anywhere else)."""
+    d = run_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "traceback.txt").write_text(traceback.format_exc())
+    (d / "status.json").write_text(json.dumps({"status": "failed", "error": f"{type(e).__name__}: {e}"}))
+
+
+def _release_memory() -> None:
+    """Jobs of a sweep share one process: drop what a job left behind before the next starts."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig):
     try:
         return dispatch(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as e:
+        if _is_multirun():  # record the failure and let the sweep go on; the report exits non-zero
+            _record_failure(e)
+            log.error("job failed: %s: %s (traceback in %s)", type(e).__name__, e, run_dir() / "traceback.txt")
+            return None
+        if isinstance(e, ConfigError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        _record_failure(e)
+        raise
+    finally:
+        try:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=1)
+        except ImportError:
+            pass
+        _release_memory()
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 from harness.config import LoggerConfig
@@ -18,16 +19,21 @@ def start(cfg: LoggerConfig, run_dir: Path, config: dict, name: str, tags: list[
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, name=cfg.name or name,
-                  tags=list(dict.fromkeys([*tags, *cfg.tags])), config=redact(config), dir=str(run_dir),
+    kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group, name=redact(cfg.name or name),
+                  tags=redact(list(dict.fromkeys([*tags, *cfg.tags]))), config=redact(config), dir=str(run_dir),
                   reinit="finish_previous", settings=wandb.Settings(console="off", x_disable_stats=True))
+    argv = sys.argv
+    sys.argv = redact(list(argv))  # W&B records the command line in its run metadata
     try:
-        run = wandb.init(mode=cfg.mode, **kwargs)
-    except Exception as e:  # online failed (no network, bad key): keep the run going offline
-        if cfg.mode != "online":
-            raise
-        log.warning("W&B online logging failed (%s); continuing offline", e)
-        run = wandb.init(mode="offline", **kwargs)
+        try:
+            run = wandb.init(mode=cfg.mode, **kwargs)
+        except Exception as e:  # online failed (no network, bad key): keep the run going offline
+            if cfg.mode != "online":
+                raise
+            log.warning("W&B online logging failed (%s); continuing offline", e)
+            run = wandb.init(mode="offline", **kwargs)
+    finally:
+        sys.argv = argv
     return run
 
 

@@ -1,0 +1,69 @@
+"""--multirun: failed jobs are recorded and the sweep goes on; the report; secrets never saved."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["train.max_steps=2", "train.per_device_train_batch_size=2", "data.max_train_samples=8",
+         "data.max_eval_samples=2", "train.logging_steps=1"]
+
+
+@pytest.mark.slow
+def test_sweep_with_a_failing_job_reports_and_exits_nonzero(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "lora_strategy=full,language_only,vision_only",
+                        "lora.r=4", *SMALL, "logger=none", f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # a 4th job in the same sweep dir that raises mid-way (a target that matches nothing)
+    q = subprocess.run([sys.executable, "-m", "harness", "--multirun", "lora_strategy=custom",
+                        "lora.target_modules=[no_such_proj]", *SMALL, "logger=none", f"hydra.sweep.dir={sweep}",
+                        "hydra.sweep.subdir=3"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert q.returncode == 1, q.stderr[-3000:]
+    assert "sweep finished with 1 failed job(s)" in q.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "failed"]
+    assert "no_such_proj" in rows[3]["error"] and (sweep / "3" / "traceback.txt").exists()
+    assert all(float(r["loss_last"]) > 0 for r in rows[:3])
+    assert int(rows[1]["trainable_vision"]) == 0 and int(rows[2]["trainable_language"]) == 0
+    md = (sweep / "summary.md").read_text()
+    assert "4 jobs, 3 ok, 1 not ok" in md and "lora_strategy=vision_only" in md
+    for png in ("loss_curves.png", "metric_vs_params.png", "throughput_memory.png"):
+        assert (sweep / png).stat().st_size > 1000
+    # the failed job wrote only into its own directory
+    assert not (sweep / "3" / "metrics.json").exists() and (sweep / "0" / "metrics.json").exists()
+
+
+def test_report_mode_on_demand(tmp_path, repo):
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- lora.r=8\n")
+    (job / "metrics.json").write_text(json.dumps(dict(status="ok", losses=[[1, 2.0], [2, 1.0]], loss_last=1.0,
+                                                      trainable_params=10, eval_exact_match=0.5)))
+    p = subprocess.run([sys.executable, "-m", "harness", "mode=report", f"path={tmp_path}",
+                        f"hydra.run.dir={tmp_path}/report_run"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "1 jobs, 1 ok, 0 not ok" in p.stdout and (tmp_path / "summary.csv").exists()
+
+
+@pytest.mark.slow
+def test_secrets_never_reach_saved_configs_or_wandb(tmp_path):
+    run_dir = tmp_path / "run"
+    secret, token = "wandb-secret-0123456789abcdef", "hf_secrettoken_ABCDEFGHIJ"
+    env = {**os.environ, "WANDB_API_KEY": secret, "HF_TOKEN": token, "WANDB_MODE": "offline"}
+    p = subprocess.run([sys.executable, "-m", "harness", *SMALL, f"hydra.run.dir={run_dir}",
+                        f"logger.tags=[{token}]"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    wandb_files = list((run_dir / "wandb").rglob("*"))
+    assert any(f.name.endswith(".wandb") for f in wandb_files)
+    for f in [*run_dir.rglob("*.json"), *run_dir.rglob("*.yaml"), *run_dir.rglob("*.log"), *wandb_files]:
+        if f.is_file() and not f.name.startswith(".hydra"):
+            data = f.read_bytes()
+            assert secret.encode() not in data, f
+            if ".hydra" not in str(f):  # Hydra's own copy of the command line keeps what the user typed
+                assert token.encode() not in data, f
+    assert p.stdout.count(secret) == 0
