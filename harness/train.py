@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from harness.checkpointing import enable_checkpointing
 from harness.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -88,25 +89,14 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
     )
 
 
-def enable_checkpointing(model, mode: str, device) -> None:
-    """false: none; true: standard non-reentrant checkpointing per layer; unsloth: offloaded (CUDA only)."""
-    if mode == "false":
-        return
-    if mode == "unsloth" and device.type != "cuda":
-        print("note: train.gradient_checkpointing=unsloth offloads to pinned CPU memory on CUDA only; "
-              "using standard checkpointing on CPU")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-
-
 def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype, wandb_run=None):
     """Train; return (losses [(step, loss)], tokens seen, train seconds)."""
     from trl import SFTTrainer
 
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
-    enable_checkpointing(model, run.train.gradient_checkpointing, device)
+    checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device)
+    log.info("gradient checkpointing: %s", checkpointing)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     trainer = SFTTrainer(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
                          data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
