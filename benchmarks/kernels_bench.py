@@ -72,17 +72,50 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def gbench(fn, iters=10):
+    """GPU kernel time per call (ms): sum of the CUDA kernel durations recorded by torch.profiler,
+    i.e. the time without Python / launch overhead. (CUDA-graph capture of autograd backward was
+    tried first and broke the CUDA context on torch 2.11, so it is not used.)"""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        us = 0.0
+        for e in prof.events():
+            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+                us += e.time_range.elapsed_us()
+        return us / iters / 1e3 if us > 0 else None
+    except Exception as e:  # pragma: no cover
+        print(f"    (profiler timing failed: {type(e).__name__}: {str(e)[:80]})")
+        return None
+
+
+def both(fn):
+    return bench(fn), gbench(fn)
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def row(kernel, shape, ms, nbytes=None, copy_bw=None, note=""):
-    gbs = nbytes / ms / 1e6 if nbytes else None
+def row(kernel, shape, ms, nbytes=None, copy_bw=None, note="", gms=None):
+    """ms: do_bench median (includes launch overhead); gms: profiler sum of kernel times (GPU time).
+    GB/s and % of copy use the kernel time when available."""
+    if isinstance(ms, tuple):
+        ms, gms = ms
+    t = gms if gms else ms
+    gbs = nbytes / t / 1e6 if (nbytes and t > 0) else None
     pct = 100 * gbs / copy_bw if (gbs and copy_bw) else None
-    r = dict(kernel=kernel, shape=shape, ms=ms, gbs=gbs, pct_copy=pct, note=note)
+    r = dict(kernel=kernel, shape=shape, ms=ms, kernel_ms=gms, gbs=gbs, pct_copy=pct, note=note)
     ROWS.append(r)
-    print(f"  {kernel:<28} {shape:<34} {ms:8.4f} ms  "
+    g = f"{gms:8.4f}" if gms else "     n/a"
+    print(f"  {kernel:<30} {shape:<36} {ms:8.4f} ms kernels {g} ms "
           f"{'' if gbs is None else f'{gbs:7.0f} GB/s {pct:5.1f}%'}  {note}", flush=True)
 
 
@@ -114,13 +147,14 @@ def bench_rms(copy_bw, N, H):
     w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(True)
     dy = torch.randn(N, H, device=DEV, dtype=DT)
     y = rms_norm(x, w, 1e-6)
-    row("rms_norm fwd", f"[{N},{H}]", bench(lambda: rms_norm(x, w, 1e-6)), 2 * N * H * 2 + H * 2, copy_bw)
-    ms_fb = bench(lambda: torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), dy))
-    ms_f = ROWS[-1]["ms"]
+    f = both(lambda: rms_norm(x, w, 1e-6))
+    row("rms_norm fwd", f"[{N},{H}]", f, 2 * N * H * 2 + H * 2, copy_bw)
+    fb = both(lambda: torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), dy))
+    row("rms_norm fwd+bwd", f"[{N},{H}]", fb, 5 * N * H * 2, copy_bw)
     # bwd reads dy, x, rstd and writes dx (dW partials are small)
-    row("rms_norm bwd", f"[{N},{H}]", ms_fb - ms_f, 3 * N * H * 2 + 4 * N, copy_bw, "(fwd+bwd minus fwd)")
-    ref_ms = bench(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy))
-    row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", ref_ms, note=f"fused fwd+bwd {ms_fb:.4f} ms")
+    row("rms_norm bwd", f"[{N},{H}]", fb[0] - f[0], 3 * N * H * 2 + 4 * N, copy_bw, "(fwd+bwd minus fwd)",
+        gms=(fb[1] - f[1]) if (fb[1] and f[1]) else None)
+    row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", both(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy)))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     yr = rms_norm_reference(x32, w32, 1e-6)
@@ -138,12 +172,11 @@ def bench_rope(copy_bw, N, H):
     q = torch.randn(B, S, hq, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_(True)
     k = torch.randn(B, S, hk, D, device=DEV, dtype=DT).transpose(1, 2).requires_grad_(True)
     nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
-    row("rope fwd (q+k)", f"B{B} S{S} hq{hq} hk{hk} D{D}", bench(lambda: apply_rotary_pos_emb(q, k, cos, sin)), nbytes, copy_bw)
-    ref = bench(lambda: apply_rotary_pos_emb_reference(q, k, cos, sin))
-    row("rope fwd torch ref", f"B{B} S{S} hq{hq} hk{hk} D{D}", ref, nbytes, copy_bw)
+    row("rope fwd (q+k)", f"B{B} S{S} hq{hq} hk{hk} D{D}", both(lambda: apply_rotary_pos_emb(q, k, cos, sin)), nbytes, copy_bw)
+    row("rope fwd torch ref", f"B{B} S{S} hq{hq} hk{hk} D{D}", both(lambda: apply_rotary_pos_emb_reference(q, k, cos, sin)), nbytes, copy_bw)
     qo, ko = apply_rotary_pos_emb(q, k, cos, sin)
     go = (torch.randn_like(qo), torch.randn_like(ko))
-    fb = bench(lambda: torch.autograd.grad(apply_rotary_pos_emb(q, k, cos, sin), (q, k), go))
+    fb = both(lambda: torch.autograd.grad(apply_rotary_pos_emb(q, k, cos, sin), (q, k), go))
     row("rope fwd+bwd", f"B{B} S{S} hq{hq} hk{hk} D{D}", fb, 2 * nbytes, copy_bw)
     dq, dk = torch.autograd.grad((qo, ko), (q, k), go)
     q32, k32 = q.detach().float().requires_grad_(True), k.detach().float().requires_grad_(True)
@@ -157,12 +190,13 @@ def bench_gated(copy_bw, N, I, act):
     u = torch.randn(N, I, device=DEV, dtype=DT, requires_grad=True)
     dh = torch.randn(N, I, device=DEV, dtype=DT)
     name = "swiglu" if act == "silu" else "geglu"
-    f = bench(lambda: gated_act(g, u, act))
+    f = both(lambda: gated_act(g, u, act))
     row(f"{name} fwd", f"[{N},{I}]", f, 3 * N * I * 2, copy_bw)
-    fb = bench(lambda: torch.autograd.grad(gated_act(g, u, act), (g, u), dh))
-    row(f"{name} bwd", f"[{N},{I}]", fb - f, 5 * N * I * 2, copy_bw, "(fwd+bwd minus fwd)")
-    ref = bench(lambda: torch.autograd.grad(gated_act_reference(g, u, act), (g, u), dh))
-    row(f"{name} fwd+bwd torch ref", f"[{N},{I}]", ref, note=f"fused fwd+bwd {fb:.4f} ms")
+    fb = both(lambda: torch.autograd.grad(gated_act(g, u, act), (g, u), dh))
+    row(f"{name} fwd+bwd", f"[{N},{I}]", fb, 8 * N * I * 2, copy_bw)
+    row(f"{name} bwd", f"[{N},{I}]", fb[0] - f[0], 5 * N * I * 2, copy_bw, "(fwd+bwd minus fwd)",
+        gms=(fb[1] - f[1]) if (fb[1] and f[1]) else None)
+    row(f"{name} fwd+bwd torch ref", f"[{N},{I}]", both(lambda: torch.autograd.grad(gated_act_reference(g, u, act), (g, u), dh)), 8 * N * I * 2, copy_bw)
     h = gated_act(g, u, act)
     dg, du = torch.autograd.grad(h, (g, u), dh)
     g32, u32 = g.detach().float().requires_grad_(True), u.detach().float().requires_grad_(True)
@@ -182,10 +216,8 @@ def bench_nf4(copy_bw, M, K):
     n = M * K
     nbytes = n // 2 + n * 2 + qs.absmax.numel() + qs.state2.absmax.numel() * 4
     out = torch.empty(M, K, device=DEV, dtype=DT)
-    ms = bench(lambda: dequantize_nf4(packed, qs, out=out))
-    row("nf4 dequant (double-quant)", f"[{M},{K}] bs64", ms, nbytes, copy_bw)
-    ref = bench(lambda: bnbf.dequantize_4bit(packed, qs, quant_type="nf4"))
-    row("nf4 dequant bitsandbytes", f"[{M},{K}] bs64", ref, nbytes, copy_bw)
+    row("nf4 dequant (double-quant)", f"[{M},{K}] bs64", both(lambda: dequantize_nf4(packed, qs, out=out)), nbytes, copy_bw)
+    row("nf4 dequant bitsandbytes", f"[{M},{K}] bs64", both(lambda: bnbf.dequantize_4bit(packed, qs, quant_type="nf4")), nbytes, copy_bw)
     check(f"nf4 vs bnb [{M},{K}]", rel(dequantize_nf4(packed, qs), bnbf.dequantize_4bit(packed, qs, quant_type="nf4")), 1e-3)
     return packed, qs
 
@@ -199,10 +231,12 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     dy = torch.randn(N, M, device=DEV, dtype=DT)
     s = 2.0
     shape = f"x[{N},{K}] W[{M},{K}] r{r}" + ("" if adapter_dtype == DT else " A/B fp32")
-    base = bench(grad_fn(lambda: F.linear(x, W), (x,), dy))
-    row("base matmul fwd+bwd (cuBLAS)", shape, base)
-    fused = bench(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
-    row("lora_linear fused fwd+bwd", shape, fused, note=f"overhead vs base {100 * (fused / base - 1):+.1f}%")
+    base_b = both(grad_fn(lambda: F.linear(x, W), (x,), dy))
+    row("base matmul fwd+bwd (cuBLAS)", shape, base_b)
+    fused_b = both(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
+    base, fused = base_b[0], fused_b[0]
+    gnote = f"; kernel time: {100 * (fused_b[1] / base_b[1] - 1):+.1f}%" if (fused_b[1] and base_b[1]) else ""
+    row("lora_linear fused fwd+bwd", shape, fused_b, note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{gnote}")
     if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
     else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
@@ -211,6 +245,8 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     row("lora PEFT-style unfused fwd+bwd", shape, peft, note=f"overhead vs base {100 * (peft / base - 1):+.1f}%")
     fwd_base = bench(lambda: F.linear(x, W))
     fwd_fused = bench(lambda: lora_linear(x, W, None, A, B, s))
+    bwd_only = bench(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy)) - fwd_fused
+    print(f"    bwd-only fused {bwd_only:.4f} ms vs base {base - fwd_base:.4f} ms")
     row("  fwd only: base / fused", shape, fwd_fused, note=f"base {fwd_base:.4f} ms ({100 * (fwd_fused / fwd_base - 1):+.1f}%)")
     y = lora_linear(x, W, None, A, B, s)
     dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
@@ -323,12 +359,13 @@ def main():
         bench_ce(2048, 1536, 262144)
     print(f"\n# done in {time.time() - t0:.0f} s\n")
     print(f"## {name}; copy bandwidth {copy_bw:.0f} GB/s\n")
-    print("| kernel | shape | time ms | GB/s | % copy | note |")
-    print("|---|---|---:|---:|---:|---|")
+    print("| kernel | shape | time ms (do_bench) | GPU kernel ms (profiler) | GB/s | % copy | note |")
+    print("|---|---|---:|---:|---:|---:|---|")
     for r in ROWS:
         gbs = "" if r["gbs"] is None else f"{r['gbs']:.0f}"
         pct = "" if r["pct_copy"] is None else f"{r['pct_copy']:.0f}%"
-        print(f"| {r['kernel'].strip()} | {r['shape']} | {r['ms']:.4f} | {gbs} | {pct} | {r['note']} |")
+        gm = "" if not r.get("kernel_ms") else f"{r['kernel_ms']:.4f}"
+        print(f"| {r['kernel'].strip()} | {r['shape']} | {r['ms']:.4f} | {gm} | {gbs} | {pct} | {r['note']} |")
     print("\n| bf16 spot check | rel err | ok |\n|---|---:|---|")
     for c in CHECKS:
         print(f"| {c['check']} | {c['rel_err']:.2e} | {'yes' if c['ok'] else 'NO'} |")

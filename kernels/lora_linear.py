@@ -30,6 +30,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._triton_utils import jit, next_pow2, tl, triton, use_triton
 from .nf4_dequant import dequantize_nf4
 
 __all__ = [
@@ -80,6 +81,62 @@ def _mm_scaled(a, b, alpha: float, out_dtype=None):
     return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
+@jit
+def _skinny_tn_kernel(
+    G, X, C, N, R, K,
+    sg_n, sg_r, sx_n, sx_k,
+    ROWS_PER_SPLIT,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+):
+    # C[R, K] += G[n0:n1, :R]^T @ X[n0:n1, k-tile]   (split-K over the token dim, fp32 atomics)
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_start = pid_s * ROWS_PER_SPLIT
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for n0 in range(n_start, n_start + ROWS_PER_SPLIT, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = (offs_n < N) & (offs_n < n_start + ROWS_PER_SPLIT)
+        g = tl.load(G + offs_n[:, None].to(tl.int64) * sg_n + offs_r[None, :] * sg_r,
+                    mask=nmask[:, None] & (offs_r[None, :] < R), other=0.0)
+        x = tl.load(X + offs_n[:, None].to(tl.int64) * sx_n + offs_k[None, :] * sx_k,
+                    mask=nmask[:, None] & (offs_k[None, :] < K), other=0.0)
+        if IEEE:
+            acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(g), x, acc)
+    cmask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
+    tl.atomic_add(C + offs_r[:, None] * K + offs_k[None, :], acc, mask=cmask)
+
+
+def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``alpha * g^T @ x`` for tall g ``[N, r]`` and x ``[N, K]`` (r small, N large): the
+    weight-gradient shape of LoRA (dA, dB). cuBLAS runs it on a handful of tiles (output is only
+    ``[r, K]``); this Triton kernel splits the long N reduction over many programs instead."""
+    N, R = g.shape
+    K = x.shape[1]
+    if not (use_triton(g, x) and g.dtype == x.dtype and R <= 64 and N >= 1):
+        return _mm_scaled(g.t(), x, alpha).to(out_dtype)
+    c = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    block_r = max(16, next_pow2(R))
+    block_k = 128 if x.is_cuda else 32
+    block_n = 64 if x.is_cuda else 16
+    k_tiles = triton.cdiv(K, block_k)
+    target = (4 * torch.cuda.get_device_properties(x.device).multi_processor_count) if x.is_cuda else 4
+    n_splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, k_tiles)))
+    rows_per_split = triton.cdiv(triton.cdiv(N, n_splits), block_n) * block_n
+    n_splits = triton.cdiv(N, rows_per_split)
+    _skinny_tn_kernel[(k_tiles, n_splits)](
+        g, x, c, N, R, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1), rows_per_split,
+        BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        num_warps=4, num_stages=3 if x.is_cuda else 1,
+    )
+    if alpha != 1.0:
+        c.mul_(alpha)
+    return c.to(out_dtype)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, nf4):
@@ -127,9 +184,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if need_a:
-                dA = _mm_scaled(g.t(), x2, s).to(lora_A.dtype)
+                dA = _skinny_tn(g, x2, s, lora_A.dtype)  # [r, K]
             if need_bb:
-                dB = _mm_scaled(dy2.t(), xa, s).to(lora_B.dtype)
+                dB = _skinny_tn(xa, dy2, s, lora_B.dtype).t().contiguous()  # (xa^T dy)^T = dy^T xa: [M, r]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:
@@ -217,7 +274,7 @@ class LoRAGroupedFunction(torch.autograd.Function):
                     if dy2s[i] is not None:
                         dx.addmm_(dy2s[i], _materialize_weight(weights[i], ctx.nf4s[i], cdt))
                 dx = dx.view(ctx.in_shape).to(ctx.x_dtype)
-            dA_cat = torch.mm(g.t(), x2)  # one read of x for all dA
+            dA_cat = _skinny_tn(g, x2, 1.0, torch.float32)  # one read of x for all dA
             for i, dA in enumerate(dA_cat.split(ranks, 0)):
                 if need[3 + 2 * n + i]:
                     dAs[i] = dA.to(As[i].dtype)
@@ -225,7 +282,7 @@ class LoRAGroupedFunction(torch.autograd.Function):
                 if dy2s[i] is None:
                     continue
                 if need[3 + 3 * n + i]:
-                    dBs[i] = _mm_scaled(dy2s[i].t(), xas[i], scales[i]).to(Bs[i].dtype)
+                    dBs[i] = _skinny_tn(xas[i], dy2s[i], scales[i], Bs[i].dtype).t().contiguous()
                 if need[3 + i] and weights[i] is not None:
                     dweights[i] = torch.mm(dy2s[i].t(), x2).to(weights[i].dtype)
                 if need[3 + n + i] and biases[i] is not None:

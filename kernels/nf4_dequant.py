@@ -7,8 +7,8 @@ row-major; element ``i`` lives in byte ``i // 2`` (high nibble for even ``i``, l
 8-bit dynamic map ``state2.code`` with fp32 scales ``state2.absmax`` per ``state2.blocksize``
 (256) entries, plus a scalar ``offset``: ``absmax[j] = code2[q[j]] * absmax2[j // 256] + offset``.
 
-The kernel decodes both levels in one pass: every program reads BLOCK bytes and writes 2*BLOCK
-values. The reference is bitsandbytes' own ``dequantize_4bit``; a pure-PyTorch reference
+The kernel decodes both levels in one pass on a 2D tile (absmax blocks x bytes), so each
+scale is decoded once per block rather than once per element. The reference is bitsandbytes' own ``dequantize_4bit``; a pure-PyTorch reference
 (:func:`dequantize_nf4_torch`) is provided for machines without bitsandbytes.
 """
 
@@ -86,30 +86,29 @@ def dequantize_nf4_torch(packed: torch.Tensor, quant_state, dtype: torch.dtype |
 @jit
 def _nf4_kernel(
     A, ABSMAX, ABSMAX2, CODE2, OUT, CODE,
-    n_bytes, n_out, offset,
+    n_bytes, n_out, n_blocks, offset,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
+    # 2D tile: ROWS absmax-blocks x BLOCKSIZE/2 bytes; the (nested) scale is decoded once per row
+    HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(0).to(tl.int64)
-    byte_idx = pid * BLOCK + tl.arange(0, BLOCK)
-    bmask = byte_idx < n_bytes
-    packed = tl.load(A + byte_idx, mask=bmask, other=0).to(tl.int32)
-    hi = (packed >> 4) & 0xF
-    lo = packed & 0xF
-    # every byte holds two consecutive elements that share one absmax block (blocksize is even)
-    blk = (byte_idx * 2) // BLOCKSIZE
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    rmask = rows < n_blocks
     if NESTED:
-        q = tl.load(ABSMAX + blk, mask=bmask, other=0).to(tl.int32)
-        s = tl.load(CODE2 + q, mask=bmask, other=0.0) * tl.load(ABSMAX2 + blk // BLOCKSIZE2, mask=bmask, other=0.0)
+        q = tl.load(ABSMAX + rows, mask=rmask, other=0).to(tl.int32)
+        s = tl.load(CODE2 + q, mask=rmask, other=0.0) * tl.load(ABSMAX2 + rows // BLOCKSIZE2, mask=rmask, other=0.0)
         scale = s + offset
     else:
-        scale = tl.load(ABSMAX + blk, mask=bmask, other=0.0).to(tl.float32)
-    v_hi = tl.load(CODE + hi) * scale
-    v_lo = tl.load(CODE + lo) * scale
-    vals = tl.interleave(v_hi, v_lo)
-    out_idx = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+        scale = tl.load(ABSMAX + rows, mask=rmask, other=0.0).to(tl.float32)
+    byte_idx = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(A + byte_idx, mask=byte_idx < n_bytes, other=0).to(tl.int32)
+    v_hi = tl.load(CODE + ((packed >> 4) & 0xF)) * scale[:, None]
+    v_lo = tl.load(CODE + (packed & 0xF)) * scale[:, None]
+    vals = tl.interleave(v_hi, v_lo)  # [ROWS, BLOCKSIZE]: element 2i from the high nibble
+    out_idx = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(OUT + out_idx, vals.to(OUT.dtype.element_ty), mask=out_idx < n_out)
 
 
@@ -146,7 +145,8 @@ def dequantize_nf4(
         out = torch.empty(shape, dtype=dtype, device=packed.device)
     assert out.is_contiguous() and out.numel() == n_out
     n_bytes = (n_out + 1) // 2
-    block = 1024
+    n_blocks = (n_out + bs - 1) // bs
+    rows = max(1, (4096 if packed.is_cuda else 256) // bs)
     code = _nf4_code(packed.device)
     nested = absmax2 is not None
     if nested:
@@ -154,11 +154,11 @@ def dequantize_nf4(
         code2 = code2.to(device=packed.device, dtype=torch.float32).contiguous()
     else:
         absmax2 = code2 = absmax  # unused
-    grid = (triton.cdiv(n_bytes, block),)
+    grid = (triton.cdiv(n_blocks, rows),)
     _nf4_kernel[grid](
         a, absmax, absmax2, code2, out, code,
-        n_bytes, n_out, offset,
-        BLOCKSIZE=bs, BLOCKSIZE2=bs2 if nested else 1, NESTED=nested, BLOCK=block,
+        n_bytes, n_out, n_blocks, offset,
+        BLOCKSIZE=bs, BLOCKSIZE2=bs2 if nested else 1, NESTED=nested, ROWS=rows,
         num_warps=4,
     )
     return out
