@@ -1,0 +1,104 @@
+"""GPU checks of the harness itself (kernel-level GPU tests live in tests/kernels). Skipped without CUDA."""
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_4bit_training_on_cuda(compose, fast, tmp_path):
+    from harness.pipeline import train_run
+
+    _, run = compose([*fast, "logger=none", "quant=4bit", "train.max_steps=3", "device=cuda"])
+    m = train_run(run, {}, tmp_path)
+    assert m["device"].startswith("cuda") and m["dtype"] == "bfloat16"
+    assert all(l == l for _, l in m["losses"])
+    print(f"\n4-bit tiny run on {torch.cuda.get_device_name()}: losses {m['losses']}, "
+          f"peak {m['peak_memory_gib']:.3f} GiB, {m['tokens_per_s']:.0f} tokens/s, accelerated {m['accelerated']}")
+
+
+def _qwen2_vl(size):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    if size == "2b":
+        text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                   "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4)
+    else:
+        text = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, rope_scaling={"type": "mrope",
+                                                                                  "mrope_section": [4, 6, 6]})
+        vision = dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=text["vocab_size"] - 5,
+                        video_token_id=text["vocab_size"] - 4, vision_start_token_id=text["vocab_size"] - 3,
+                        vision_end_token_id=text["vocab_size"] - 2)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return Qwen2VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa"), cfg
+
+
+def _batch(cfg, grid=8, tokens=256, b=2):
+    g = torch.Generator().manual_seed(1)
+    n_img = grid * grid // 4
+    ids = torch.randint(0, cfg.text_config.vocab_size - 10, (b, tokens), generator=g)
+    ids[:, 1:1 + n_img] = cfg.image_token_id
+    labels = ids.clone()
+    labels[:, : n_img + 2] = -100
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+               pixel_values=torch.randn(b * grid * grid, 1176, generator=g).bfloat16(),
+               image_grid_thw=torch.tensor([[1, grid, grid]] * b), mm_token_type_ids=(ids == cfg.image_token_id).long())
+    return {k: v.cuda() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("size", ["tiny", "2b"])
+def test_kernels_match_reference_whole_model(size):
+    """Loss and LoRA gradients with the kernels vs without, same weights, bf16."""
+    from peft import LoraConfig, get_peft_model
+
+    from harness.kernels import accelerate_model, revert_model
+
+    model, cfg = _qwen2_vl(size)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)|visual\.blocks.*\.(qkv|attn\.proj|fc1|fc2))$"))
+    for n, p in model.named_parameters():  # lora_B starts at zero: give it values so dA is non-trivial
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    batch = _batch(cfg)
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref_loss, ref = loss_and_grads()
+    report = accelerate_model(model, {"enabled": True})
+    try:
+        assert report.get("lora_linear") and report.get("rms_norm")
+        loss, grads = loss_and_grads()
+    finally:
+        revert_model(model)
+    assert abs(loss - ref_loss) / ref_loss < 1e-2, (float(loss), float(ref_loss))
+    worst = max(float((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
+    print(f"\n{size}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst LoRA grad rel err {worst:.2e}")
+    assert worst < 5e-2
+
+
+def test_offloaded_checkpointing_matches_on_cuda(compose):
+    from harness.checkpointing import enable_checkpointing
+    from peft import LoraConfig, get_peft_model
+
+    grads = {}
+    for mode in ("false", "true", "unsloth"):
+        model, cfg = _qwen2_vl("tiny")
+        model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "qkv", "fc1"]))
+        model.train()
+        used = enable_checkpointing(model, mode, torch.device("cuda"))
+        batch = _batch(cfg)
+        model(**batch).loss.backward()
+        grads[mode] = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        if mode == "unsloth":
+            assert used.startswith("offloaded")
+    for mode in ("true", "unsloth"):
+        for n, g in grads["false"].items():
+            assert torch.allclose(grads[mode][n], g, rtol=1e-3, atol=1e-5), (mode, n)
