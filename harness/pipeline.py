@@ -54,15 +54,18 @@ def build(run: RunConfig):
     return device, dtype, processor, plan, model
 
 
-def accelerate(run: RunConfig, model, device) -> dict:
-    try:
-        from harness.kernels.patch import accelerate_model
-    except ImportError:
-        return {}
+def accelerate(run: RunConfig, model) -> dict:
+    """Swap in the Triton kernels where eligible (kernels.enabled: auto = on CUDA only)."""
     if run.kernels.enabled == "false":
         return {}
-    report = accelerate_model(model, run.kernels)
-    return {k: len(v) for k, v in report.items() if v}
+    from harness.kernels import accelerate_model
+
+    k = run.kernels
+    # TRL's SFTTrainer computes the loss with its own fused LM head (it never builds full logits),
+    # so the cross-entropy kernel is for loops that call model(**batch).loss (benchmarks, scripts).
+    cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
+               swiglu=k.swiglu, cross_entropy=False)
+    return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
 
 
 def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
@@ -84,7 +87,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     trainable, total = modeling.count_params(model)
     if plan is not None and trainable != plan.trainable_params:
         log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
-    accelerated = accelerate(run, model, device)
+    accelerated = accelerate(run, model)
     collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
 
     tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]

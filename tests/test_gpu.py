@@ -72,6 +72,14 @@ def test_kernels_match_reference_whole_model(size):
         return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
     ref_loss, ref = loss_and_grads()
+    # noise floor: the same reference with the adapters in bf16 (the kernels multiply in the activation dtype)
+    lora = [p for n, p in model.named_parameters() if p.requires_grad]
+    for p in lora:
+        p.data = p.data.bfloat16()
+    _, ref_bf16 = loss_and_grads()
+    for p in lora:
+        p.data = p.data.float()
+    noise = max(float((ref_bf16[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
     report = accelerate_model(model, {"enabled": True})
     try:
         assert report.get("lora_linear") and report.get("rms_norm")
@@ -80,8 +88,9 @@ def test_kernels_match_reference_whole_model(size):
         revert_model(model)
     assert abs(loss - ref_loss) / ref_loss < 1e-2, (float(loss), float(ref_loss))
     worst = max(float((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
-    print(f"\n{size}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst LoRA grad rel err {worst:.2e}")
-    assert worst < 5e-2
+    print(f"\n{size}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst LoRA grad rel err {worst:.2e} "
+          f"(bf16-adapter noise floor {noise:.2e})")
+    assert worst <= max(2 * noise, 1e-2)
 
 
 def test_offloaded_checkpointing_matches_on_cuda(compose):
