@@ -37,6 +37,15 @@ def dispatch(cfg: DictConfig):
 
         config_dict = redact(OmegaConf.to_container(cfg, resolve=True))
         return train_run(run, config_dict, run_dir())["eval_exact_match"]
+    if run.mode == "eval":
+        from harness.inference import eval_run
+
+        return eval_run(run.path, run_dir(), run.device)["exact_match"]
+    if run.mode == "infer":
+        from harness.inference import infer
+
+        infer(run.path, run.images, run.prompt, run.device)
+        return None
     if run.mode == "report":
         from harness.report import print_report, write_report
 

@@ -140,7 +140,8 @@ class KernelsConfig:
 @dataclass
 class SaveConfig:
     adapter: bool = True
-    merged: bool = False
+    merged: bool = False  # also write a merged checkpoint (LoRA folded in; dequantized from 4/8-bit)
+    merged_dtype: str = "auto"  # auto: the run's compute dtype (bf16 / fp16 on GPU, fp32 on CPU)
 
 
 @dataclass
@@ -276,6 +277,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         _fail("train.full_finetuning", True,
               f"false when quant.mode={run.quant.mode} (full fine-tuning needs a 16/32-bit base; use quant=none)")
 
+    _choice("save.merged_dtype", run.save.merged_dtype, DTYPES)
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)
     _choice("logger.mode", run.logger.mode, WANDB_MODES)
     run.kernels.enabled = str(run.kernels.enabled).lower()

@@ -105,6 +105,12 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     if run.save.adapter and plan is not None:
         model.save_pretrained(run_dir / "adapter", safe_serialization=True)
         processor.save_pretrained(run_dir / "adapter")
+    if run.save.merged and plan is not None:
+        from harness.export import save_merged
+
+        merged_dtype = dtype if run.save.merged_dtype == "auto" else modeling.resolve_dtype(run.save.merged_dtype,
+                                                                                             device)
+        save_merged(model, processor, run_dir / "merged", merged_dtype)
     peak, peak_kind = peak_memory(device)
     metrics = dict(
         model=run.model.name, strategy=run.lora.strategy if plan is not None else "full_finetuning",
