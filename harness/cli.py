@@ -36,7 +36,17 @@ def dispatch(cfg: DictConfig):
         from harness.secrets import redact
 
         config_dict = redact(OmegaConf.to_container(cfg, resolve=True))
+        if _is_multirun():  # one W&B run per job, grouped by sweep, named from the job's overrides
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            run.logger.group = run.logger.group or Path(hc.sweep.dir).name
+            run.logger.name = run.logger.name or (" ".join(hc.overrides.task) or f"job{hc.job.num}")
         return train_run(run, config_dict, run_dir())["eval_exact_match"]
+    if run.mode == "replay":
+        from harness.replay import replay
+
+        return replay(run.path, run_dir())["identical"]
     if run.mode == "eval":
         from harness.inference import eval_run
 

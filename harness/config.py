@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-MODES = ("train", "plan", "eval", "infer", "report")
+MODES = ("train", "plan", "eval", "infer", "report", "replay")
 QUANT_MODES = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -282,7 +282,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _choice("logger.mode", run.logger.mode, WANDB_MODES)
     run.kernels.enabled = str(run.kernels.enabled).lower()
     _choice("kernels.enabled", run.kernels.enabled, KERNEL_SWITCH)
-    if run.mode in ("eval", "infer", "report") and not run.path:
+    if run.mode in ("eval", "infer", "report", "replay") and not run.path:
         _fail("path", run.path, f"a run directory (mode={run.mode} needs the run to evaluate)")
     if run.mode == "infer" and not run.images:
         _fail("images", run.images, "a list of image files, e.g. images=[a.png,b.png]")

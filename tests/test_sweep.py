@@ -67,3 +67,16 @@ def test_secrets_never_reach_saved_configs_or_wandb(tmp_path):
             if ".hydra" not in str(f):  # Hydra's own copy of the command line keeps what the user typed
                 assert token.encode() not in data, f
     assert p.stdout.count(secret) == 0
+
+
+@pytest.mark.slow
+def test_replay_reproduces_a_run(tmp_path):
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "harness", *SMALL, "logger=none", "seed=5", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    q = subprocess.run([sys.executable, "-m", "harness", "mode=replay", f"path={run_dir}",
+                        f"hydra.run.dir={tmp_path}/replay"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert f"replay of {run_dir}: identical" in q.stdout
+    assert json.loads((tmp_path / "replay" / "replay.json").read_text())["losses_identical"] is True

@@ -100,3 +100,13 @@ def test_cli_plan_mode_prints_table(repo, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "LoRA target plan: model=tiny_qwen2_vl strategy=attention_only" in p.stdout
     assert "vision     attention        4" in p.stdout and "mlp" not in p.stdout.split("---")[1]
+
+
+def test_experiment_preset_composes(repo, tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "experiment=strategy_ablation", "--cfg", "hydra",
+                        f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "lora_strategy: full,language_only,vision_only,attention_only" in p.stdout
