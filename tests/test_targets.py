@@ -106,7 +106,7 @@ def test_experiment_preset_composes(repo, tmp_path):
     import subprocess
     import sys
 
-    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "experiment=strategy_ablation", "--cfg", "hydra",
+    p = subprocess.run([sys.executable, "-m", "harness", "--cfg", "hydra", "experiment=strategy_ablation",
                         f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "lora_strategy: full,language_only,vision_only,attention_only" in p.stdout
