@@ -215,6 +215,8 @@ PLAN = [  # (stack, extra args): the anchor workload, then checkpointing modes a
     ("harness16", ["--gc", "false", "--tokens", "2048", "--grid", "32"]),
     ("harness16", ["--gc", "true", "--tokens", "2048", "--grid", "32"]),
     ("harness16", ["--gc", "unsloth", "--tokens", "2048", "--grid", "32"]),
+    ("harness16", ["--gc", "false"]),
+    ("hf16", ["--gc", "false"]),
 ]
 
 
