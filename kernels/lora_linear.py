@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -64,25 +62,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-_CAST_CACHE: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
-
-
 def _cast(t, dtype):
-    """`t` in `dtype`. Casts of parameters are cached until the parameter changes (its version counter
-    moves at every in-place optimizer update), so an fp32 adapter is cast once per step, not once per
-    forward, recompute and backward."""
-    if t is None or t.dtype == dtype:
-        return t
-    if not isinstance(t, torch.nn.Parameter):
-        return t.to(dtype)
-    key = (t._version, t.data_ptr(), dtype)
-    hit = _CAST_CACHE.get(t)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.no_grad():
-        out = t.detach().to(dtype)
-    _CAST_CACHE[t] = (key, out)
-    return out
+    return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
 
 def _materialize_weight(weight, nf4, dtype):

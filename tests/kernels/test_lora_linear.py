@@ -91,3 +91,21 @@ def test_lora_bf16_gpu(cuda, rel, hidden):
     yr, dxr, dAr, dBr = _grads(lambda: lora_linear_reference(x32, W.float(), None, A, B, s), x32, A, B, dy.float())
     for a, e in [(y, yr), (dx, dxr), (dA, dAr), (dB, dBr)]:
         assert rel(a, e) < 2e-2
+
+
+def test_fp32_adapters_follow_in_place_optimizer_updates():
+    """Adapters are re-read at every call: a fused/foreach optimizer step (which may not bump the version
+    counter) must change the output. Guards against caching casts of the adapter weights."""
+    from harness.kernels.lora_linear import lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float16)
+    w = torch.randn(6, 8, dtype=torch.float16)
+    a = torch.nn.Parameter(torch.randn(2, 8))
+    b = torch.nn.Parameter(torch.randn(6, 2))
+    y0 = lora_linear(x, w, None, a, b, 0.5).detach().clone()
+    opt = torch.optim.AdamW([a, b], lr=0.5, foreach=True)
+    lora_linear(x, w, None, a, b, 0.5).float().sum().backward()
+    opt.step()
+    y1 = lora_linear(x, w, None, a, b, 0.5)
+    assert not torch.allclose(y0.float(), y1.float())
