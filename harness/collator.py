@@ -2,19 +2,29 @@
 
 Training batches are right-padded; only the assistant's answer and its end-of-turn token carry
 labels (prompt, image and padding tokens get -100) unless data.train_on_responses_only=false.
-Generation batches are left-padded prompts.
+Generation batches are left-padded prompts. Text-only models (the processor is a tokenizer) get a
+sample's `image_text` in place of its images.
 """
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from harness.processors import tokenizer_of
 
+log = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 
 
-def messages_of(sample: dict) -> list[dict]:
-    content = [{"type": "image"} for _ in sample.get("images") or []]
+def messages_of(sample: dict, multimodal: bool = True) -> list[dict]:
+    """The user turn. Text-only models get the images' text rendering (sample["image_text"], where the
+    data set has one, e.g. digits_vqa's 8x8 digit drawn in characters) above the prompt instead of images."""
+    if multimodal:
+        content = [{"type": "image"} for _ in sample.get("images") or []]
+    else:
+        content = [{"type": "text", "text": sample["image_text"] + "\n"}] if sample.get("image_text") else []
     content.append({"type": "text", "text": sample["prompt"]})
     return [{"role": "user", "content": content}]
 
@@ -27,21 +37,28 @@ class ChatCollator:
         self.train_on_responses_only = train_on_responses_only
         self.max_length = max_length
         self.tokens_seen = 0  # non-padding tokens of all training batches built
+        self._warned = False
         self.image_token_ids = {
             i for i in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
             if i is not None
         }
 
     def prompt_text(self, sample: dict) -> str:
-        return self.processor.apply_chat_template(messages_of(sample), add_generation_prompt=True, tokenize=False)
+        if not self.multimodal and sample.get("images") and not sample.get("image_text") and not self._warned:
+            self._warned = True
+            log.warning("a text-only model got samples with images and no image_text: the images are dropped")
+        return self.processor.apply_chat_template(messages_of(sample, self.multimodal), add_generation_prompt=True,
+                                                  tokenize=False)
 
     def _encode(self, texts: list[str], samples: list[dict], padding_side: str) -> dict:
         self.tokenizer.padding_side = padding_side
         kwargs = dict(padding=True, return_tensors="pt", add_special_tokens=False)
         if not self.multimodal:
             return dict(self.tokenizer(texts, **kwargs))
-        images = [img for s in samples for img in (s.get("images") or [])]
-        return dict(self.processor(text=texts, images=images or None, **kwargs))
+        # images nested per sample ([[img], [img, img], []]): what Mllama / Gemma 3 need to pair images
+        # with texts, and what flat-list processors (Qwen2-VL, Pixtral) accept as well
+        images = [list(s.get("images") or []) for s in samples]
+        return dict(self.processor(text=texts, images=images if any(images) else None, **kwargs))
 
     def __call__(self, samples: list[dict]) -> dict:
         eos = self.tokenizer.eos_token

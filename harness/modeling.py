@@ -118,6 +118,11 @@ def load_model(mc: ModelConfig, q: QuantConfig, device: torch.device, processor=
             torch.manual_seed(seed)
             with torch.device(device):
                 model = cls._from_config(cfg, dtype=dtype, **common)
+            if arch.random_init_open_gates:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n.endswith(arch.random_init_open_gates):
+                            p.fill_(1.0)
             if q.mode == "none":
                 return _finish(model, tok)
             # bitsandbytes quantizes while loading: round-trip the random weights through a temp dir

@@ -33,6 +33,9 @@ class Architecture:
     special_tokens: dict = field(default_factory=dict)
     # Random-init models: config attribute -> special_tokens key, filled from the local tokenizer's ids.
     config_tokens: dict = field(default_factory=dict)
+    # Random-init models: parameters (name suffixes) that the architecture initialises to zero so that a
+    # pretrained checkpoint starts as a no-op, but that would cut a random model's image path; set to 1.
+    random_init_open_gates: tuple[str, ...] = ()
 
     @property
     def is_multimodal(self) -> bool:
@@ -101,6 +104,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             config_class="MllamaConfig",
             auto_class="AutoModelForImageTextToText",
             processor="mllama",
+            random_init_open_gates=("cross_attn_attn_gate", "cross_attn_mlp_gate"),
             vision=(r"model\.vision_model\.",),
             projector=(r"model\.multi_modal_projector",),
             language=(r"model\.language_model\.",),  # self- and cross-attention decoder layers
@@ -110,6 +114,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                        "<|image|>", "<|finetune_right_pad_id|>"],
                 image="<|image|>",
             ),
+            config_tokens=dict(image_token_index="image"),
         ),
         Architecture(
             name="llava_pixtral",
@@ -125,6 +130,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                 extra=["<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"],
                 image="[IMG]", image_break="[IMG_BREAK]", image_end="[IMG_END]",
             ),
+            config_tokens=dict(image_token_index="image"),
         ),
         Architecture(
             name="gemma3",
@@ -141,6 +147,7 @@ ARCHITECTURES: dict[str, Architecture] = {
                        "<end_of_image>", "<image_soft_token>"],
                 image="<image_soft_token>", boi="<start_of_image>", eoi="<end_of_image>",
             ),
+            config_tokens=dict(image_token_index="image", boi_token_index="boi", eoi_token_index="eoi"),
         ),
         Architecture(
             name="llama",

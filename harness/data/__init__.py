@@ -1,4 +1,5 @@
-"""Datasets as chat samples: each sample is {"images": [PIL.Image, ...], "prompt": str, "answer": str}."""
+"""Datasets as chat samples: each sample is {"images": [PIL.Image, ...], "prompt": str, "answer": str},
+optionally with "image_text": a text rendering of the images, which text-only models get instead."""
 from __future__ import annotations
 
 from typing import Callable

@@ -1,6 +1,7 @@
 """digits_vqa: scikit-learn's bundled handwritten digits (1,797 real 8x8 scans, no download).
 
-Each image is upscaled to data.image_size and asked "What digit is this?" -> "7".
+Each image is upscaled to data.image_size and asked "What digit is this?" -> "7". Samples also carry
+`image_text`, the 8x8 scan drawn in characters, which text-only models read instead of the image.
 The train/eval split is stratified and seeded.
 """
 from __future__ import annotations
@@ -18,6 +19,15 @@ def digit_image(pixels: np.ndarray, size: int) -> Image.Image:
     return Image.fromarray(arr, mode="L").resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
 
 
+SHADES = " .:-=+*#%@"  # grey level 0..16 -> a character, dark to bright
+
+
+def digit_text(pixels: np.ndarray) -> str:
+    """8x8 grey levels 0..16 -> 8 lines of 8 characters: the digit for text-only models."""
+    levels = np.rint(np.asarray(pixels, dtype=np.float32).reshape(8, 8) * ((len(SHADES) - 1) / 16.0)).astype(int)
+    return "\n".join("".join(SHADES[v] for v in row) for row in levels.clip(0, len(SHADES) - 1))
+
+
 @register("digits_vqa")
 def digits_vqa(cfg: DataConfig, seed: int):
     from sklearn.datasets import load_digits
@@ -28,5 +38,5 @@ def digits_vqa(cfg: DataConfig, seed: int):
     train_idx, eval_idx = train_test_split(idx, test_size=cfg.eval_fraction, random_state=seed,
                                            stratify=digits.target)
     make = lambda i: {"images": [digit_image(digits.images[i], cfg.image_size)], "prompt": cfg.prompt,
-                      "answer": str(int(digits.target[i]))}
+                      "answer": str(int(digits.target[i])), "image_text": digit_text(digits.images[i])}
     return [make(i) for i in train_idx], [make(i) for i in eval_idx]

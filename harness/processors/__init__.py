@@ -140,6 +140,15 @@ def load_processor(path: str, arch: Architecture, min_pixels: int, max_pixels: i
     except (ImportError, AttributeError, ValueError, TypeError) as e:
         reason = f"AutoProcessor failed: {e}"
     if arch.processor != "qwen2_vl":
+        import importlib
+
+        try:  # a family module may know how to rebuild its processor without torchvision
+            family = importlib.import_module(f"harness.processors.{arch.processor}")
+        except ModuleNotFoundError:
+            family = None
+        if family is not None and hasattr(family, "from_pretrained"):
+            log.info("%s; using harness.processors.%s.from_pretrained", reason, arch.processor)
+            return family.from_pretrained(path, trust_remote_code=trust_remote_code)
         raise RuntimeError(f"could not load the processor of {path}: {reason}")
     # No torchvision, or a checkpoint saved by this harness: the image-only processor from the saved parts.
     log.info("%s; using the image-only Qwen2-VL processor", reason)
