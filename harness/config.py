@@ -142,6 +142,9 @@ class SaveConfig:
     adapter: bool = True
     merged: bool = False  # also write a merged checkpoint (LoRA folded in; dequantized from 4/8-bit)
     merged_dtype: str = "auto"  # auto: the run's compute dtype (bf16 / fp16 on GPU, fp32 on CPU)
+    # Opt-in: a hub repo id to push the adapter (and merged model) to; the token is read from HF_TOKEN
+    # at push time and never written anywhere.
+    push_to_hub: Optional[str] = None
 
 
 @dataclass
@@ -278,6 +281,11 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
               f"false when quant.mode={run.quant.mode} (full fine-tuning needs a 16/32-bit base; use quant=none)")
 
     _choice("save.merged_dtype", run.save.merged_dtype, DTYPES)
+    if run.save.push_to_hub and run.mode == "train":
+        import os
+
+        if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+            _fail("save.push_to_hub", run.save.push_to_hub, "null, or a repo id with HF_TOKEN set in the environment")
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)
     _choice("logger.mode", run.logger.mode, WANDB_MODES)
     run.kernels.enabled = str(run.kernels.enabled).lower()

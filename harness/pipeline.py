@@ -102,15 +102,19 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
                       dtype)
     eval_s = time.perf_counter() - t_eval
 
-    if run.save.adapter and plan is not None:
-        model.save_pretrained(run_dir / "adapter", safe_serialization=True)
-        processor.save_pretrained(run_dir / "adapter")
+    saved = None
+    if run.save.adapter:  # LoRA: the adapter; full fine-tuning: the whole model
+        saved = run_dir / ("adapter" if plan is not None else "model")
+        model.save_pretrained(saved, safe_serialization=True)
+        processor.save_pretrained(saved)
     if run.save.merged and plan is not None:
         from harness.export import save_merged
 
         merged_dtype = dtype if run.save.merged_dtype == "auto" else modeling.resolve_dtype(run.save.merged_dtype,
                                                                                              device)
         save_merged(model, processor, run_dir / "merged", merged_dtype)
+    if run.save.push_to_hub and saved is not None:
+        push_to_hub(saved, run.save.push_to_hub)
     peak, peak_kind = peak_memory(device)
     metrics = dict(
         model=run.model.name, strategy=run.lora.strategy if plan is not None else "full_finetuning",
@@ -128,6 +132,19 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
     print(format_summary(metrics))
     return metrics
+
+
+def push_to_hub(folder: Path, repo_id: str) -> None:
+    """Upload a saved folder; the token comes from the environment and is passed, never stored."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, exist_ok=True, private=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    print(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 
 def plan_run(run: RunConfig) -> TargetPlan:

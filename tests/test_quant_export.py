@@ -91,3 +91,31 @@ def test_eval_and_infer_modes_reload_a_run(tmp_path, fast):
     q = subprocess.run([sys.executable, "-m", "harness", "mode=eval", "path=/nonexistent",
                         f"hydra.run.dir={tmp_path}/e2"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert q.returncode == 2 and "is not a finished training run" in q.stderr
+
+
+def test_full_finetuning_trains_every_weight_and_saves_the_model(compose, tmp_path, fast):
+    from harness.pipeline import train_run
+
+    run, device, dtype, processor, model, samples, _ = _built(compose, "train.full_finetuning=true")
+    assert not any(hasattr(m, "lora_A") for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(run, model, processor, ChatCollator(processor), samples, tmp_path, device, dtype)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(before[n], p)]
+    assert len(changed) > 0.9 * len(before)
+    _, run2 = compose([*fast, "logger=none", "train.full_finetuning=true", "train.max_steps=1"])
+    m = train_run(run2, {}, tmp_path / "run")
+    assert m["strategy"] == "full_finetuning" and m["trainable_params"] == m["total_params"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_push_to_hub_needs_a_token_from_the_environment(compose, monkeypatch):
+    from harness.config import ConfigError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="save.push_to_hub='me/adapter' .*HF_TOKEN"):
+        compose(["save.push_to_hub=me/adapter"])
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy_token_for_the_test")
+    cfg, run = compose(["save.push_to_hub=me/adapter"])
+    assert "hf_dummy" not in str(cfg)  # the token is never part of the config
