@@ -20,46 +20,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-try:
-    from harness.kernels import (  # installed package
-        apply_rotary_pos_emb,
-        apply_rotary_pos_emb_reference,
-        dequantize_nf4,
-        fused_linear_cross_entropy,
-        fused_linear_cross_entropy_reference,
-        gated_act,
-        gated_act_reference,
-        lora_linear,
-        lora_linear_grouped,
-        lora_linear_reference,
-        mrope_cos_sin,
-        rms_norm,
-        rms_norm_reference,
-    )
-except ImportError:  # run from a bare checkout: map kernels/ to harness.kernels
-    import importlib.util
-    import types
-
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    pkg = types.ModuleType("harness")
-    pkg.__path__ = [os.path.join(root, "harness")]
-    sys.modules.setdefault("harness", pkg)
-    spec = importlib.util.spec_from_file_location(
-        "harness.kernels", os.path.join(root, "kernels", "__init__.py"),
-        submodule_search_locations=[os.path.join(root, "kernels")],
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["harness.kernels"] = mod
-    spec.loader.exec_module(mod)
-    from harness.kernels import *  # noqa: F401,F403
-    from harness.kernels import (  # noqa: F811
-        apply_rotary_pos_emb, apply_rotary_pos_emb_reference, dequantize_nf4, fused_linear_cross_entropy,
-        fused_linear_cross_entropy_reference, gated_act, gated_act_reference, lora_linear, lora_linear_grouped,
-        lora_linear_reference, mrope_cos_sin, rms_norm, rms_norm_reference,
-    )
-
+from harness.kernels import (  # the installed project (pip install -e .)
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_reference,
+    dequantize_nf4,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+    gated_act,
+    gated_act_reference,
+    lora_linear,
+    lora_linear_grouped,
+    lora_linear_reference,
+    mrope_cos_sin,
+    rms_norm,
+    rms_norm_reference,
+)
 import triton  # noqa: E402
 
 ROWS: list[dict] = []

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from harness.data.common import to_rgb
 from harness.processors import tokenizer_of
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class ChatCollator:
             return dict(self.tokenizer(texts, **kwargs))
         # images nested per sample ([[img], [img, img], []]): what Mllama / Gemma 3 need to pair images
         # with texts, and what flat-list processors (Qwen2-VL, Pixtral) accept as well
-        images = [list(s.get("images") or []) for s in samples]
+        # (every image as RGB: L / P / RGBA inputs from any data source; alpha composited on white)
+        images = [[to_rgb(im) for im in s.get("images") or []] for s in samples]
         return dict(self.processor(text=texts, images=images if any(images) else None, **kwargs))
 
     def __call__(self, samples: list[dict]) -> dict:

@@ -21,6 +21,8 @@ CHECKPOINTING = ("unsloth", "true", "false")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 KERNEL_SWITCH = ("auto", "true", "false")
+DATA_ON_BAD = ("skip", "error")
+TEXT_KINDS = ("word", "number", "formula")
 
 
 class ConfigError(ValueError):
@@ -85,6 +87,17 @@ class QuantConfig:
 
 
 @dataclass
+class DataColumns:
+    """hf: which column holds what. "auto": image -> image|images, prompt -> prompt|question, answer -> answer,
+    messages -> messages (used when there is no answer column). prompt: null gives every sample data.prompt;
+    image: null means text-only."""
+    image: Optional[str] = "auto"
+    prompt: Optional[str] = "auto"
+    answer: Optional[str] = "auto"
+    messages: Optional[str] = "auto"
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     eval_fraction: float = 0.1
@@ -94,6 +107,22 @@ class DataConfig:
     prompt: str = "What digit is this?"
     train_on_responses_only: bool = True
     max_length: int = 2048
+    # Bad samples (missing / corrupt image file, malformed row): skip and count them, or raise.
+    on_bad_sample: str = "skip"
+    # synthetic_ocr: how many samples, string lengths, kinds of text, noise level.
+    n_train: int = 2000
+    n_eval: int = 100
+    min_chars: int = 1
+    max_chars: int = 4
+    text_kinds: list = field(default_factory=lambda: ["word", "number", "formula"])
+    noise: float = 0.1
+    # jsonl: the .jsonl file; hf: a hub id / loader name or a local save_to_disk directory.
+    path: Optional[str] = None
+    subset: Optional[str] = None  # hf: the dataset's config name (load_dataset(path, subset))
+    split: str = "train"
+    eval_split: Optional[str] = None  # hf: a split to evaluate on (None: a seeded data.eval_fraction split)
+    # hf: column mapping (DataColumns)
+    columns: DataColumns = field(default_factory=lambda: DataColumns())
 
 
 @dataclass
@@ -260,6 +289,21 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     for key in ("max_train_samples", "max_eval_samples"):
         if getattr(d, key) is not None:
             _positive(f"data.{key}", getattr(d, key), integer=True)
+    _choice("data.on_bad_sample", d.on_bad_sample, DATA_ON_BAD)
+    _positive("data.n_train", d.n_train, integer=True)
+    _positive("data.n_eval", d.n_eval, integer=True)
+    _positive("data.min_chars", d.min_chars, integer=True)
+    if not isinstance(d.max_chars, int) or isinstance(d.max_chars, bool) or d.max_chars < d.min_chars:
+        _fail("data.max_chars", d.max_chars, f"an integer >= data.min_chars ({d.min_chars})")
+    if not d.text_kinds or any(k not in TEXT_KINDS for k in d.text_kinds):
+        _fail("data.text_kinds", d.text_kinds, "a non-empty list of " + ", ".join(TEXT_KINDS))
+    if isinstance(d.noise, bool) or not isinstance(d.noise, (int, float)) or not 0.0 <= d.noise <= 1.0:
+        _fail("data.noise", d.noise, "a number in [0, 1]")
+    if d.name in ("jsonl", "hf") and not d.path:
+        _fail("data.path", d.path, "a .jsonl file" if d.name == "jsonl"
+              else "a hub dataset id / loader name or a local directory saved with save_to_disk")
+    if d.columns.answer is None and d.columns.messages in (None, "auto"):
+        _fail("data.columns.answer", None, "a column name or auto (or set data.columns.messages)")
 
     t = run.train
     _positive("train.max_steps", t.max_steps, integer=True)

@@ -1,4 +1,5 @@
-"""Evaluation by generation: batched greedy answers for held-out samples, exact-match accuracy."""
+"""Evaluation by generation: batched greedy answers for held-out samples, exact-match accuracy and
+character error rate (CER)."""
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,31 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references)) / len(references)
 
 
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions, each cost 1) between two strings; O(len(a) len(b))."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(predictions: list[str], references: list[str]) -> float:
+    """Corpus-level character error rate: total edit distance / total reference characters, over the
+    normalized strings (whitespace collapsed, as for exact match). Can exceed 1 (long wrong predictions).
+    NaN when there are no references; edits / 1 when all references are empty."""
+    if not references:
+        return float("nan")
+    pairs = [(normalize(p), normalize(r)) for p, r in zip(predictions, references)]
+    return sum(levenshtein(p, r) for p, r in pairs) / max(sum(len(r) for _, r in pairs), 1)
+
+
 def evaluate(model, collator, samples, batch_size, max_new_tokens, device, dtype=torch.float32) -> dict:
     preds = generate_answers(model, collator, samples, batch_size, max_new_tokens, device, dtype=dtype)
     refs = [s["answer"] for s in samples]
-    return {"exact_match": exact_match(preds, refs), "n_eval": len(samples),
+    return {"exact_match": exact_match(preds, refs), "cer": cer(preds, refs), "n_eval": len(samples),
             "examples": [{"answer": r, "prediction": p} for r, p in list(zip(refs, preds))[:10]]}

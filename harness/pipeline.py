@@ -79,7 +79,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
     (run_dir / "env.json").write_text(json.dumps(environment(REPO), indent=1))
-    train_samples, eval_samples = build_datasets(run.data, run.seed)
+    train_samples, eval_samples = data = build_datasets(run.data, run.seed)
     device, dtype, processor, plan, model = build(run)
     if plan is not None:
         plan.save(run_dir / "plan.json")
@@ -121,6 +121,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         quant=run.quant.mode, seed=run.seed, steps=run.train.max_steps, losses=losses,
         loss_first=losses[0][1] if losses else None, loss_last=losses[-1][1] if losses else None,
         eval_exact_match=result["exact_match"], n_eval=result["n_eval"], eval_examples=result["examples"],
+        eval_cer=result["cer"], data_skipped=data.stats["skipped"], data_skip_reasons=data.stats["reasons"],
         trainable_params=trainable, total_params=total,
         trainable_by_component=plan.per_component() if plan is not None else None,
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,

@@ -15,38 +15,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def _ensure_harness_kernels():
-    """Map kernels/ to ``harness.kernels`` when the project is not pip-installed (e.g. a bare
-    checkout on a GPU machine); a no-op when the package is installed."""
-    try:
-        import harness.kernels  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    import importlib.util
-    import sys
-    import types
-
-    root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-    if "harness" not in sys.modules:
-        try:
-            sys.path.insert(0, root)
-            import harness  # noqa: F401
-        except ImportError:
-            pkg = types.ModuleType("harness")
-            pkg.__path__ = [os.path.join(root, "harness")]
-            sys.modules["harness"] = pkg
-    spec = importlib.util.spec_from_file_location(
-        "harness.kernels", os.path.join(root, "kernels", "__init__.py"),
-        submodule_search_locations=[os.path.join(root, "kernels")],
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["harness.kernels"] = mod
-    spec.loader.exec_module(mod)
-
-
-_ensure_harness_kernels()
 
 
 @pytest.fixture(params=[0, 1])
