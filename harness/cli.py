@@ -42,7 +42,7 @@ def dispatch(cfg: DictConfig):
             hc = HydraConfig.get()
             run.logger.group = run.logger.group or Path(hc.sweep.dir).name
             run.logger.name = run.logger.name or (" ".join(hc.overrides.task) or f"job{hc.job.num}")
-        return train_run(run, config_dict, run_dir())["eval_exact_match"]
+        return train_run(run, config_dict, run_dir()).get("eval_exact_match")
     if run.mode == "replay":
         from harness.replay import replay
 

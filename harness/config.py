@@ -142,7 +142,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_new_tokens: int = 4
     num_workers: int = 0
-    resume: str = "none"
+    save_steps: int = 0  # checkpoint every N steps into <run dir>/checkpoints (0: none)
+    resume: str = "none"  # auto: continue from the newest checkpoint in the run dir
 
 
 @dataclass
@@ -313,6 +314,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("train.eval_batch_size", t.eval_batch_size, integer=True)
     _positive("train.logging_steps", t.logging_steps, integer=True)
     _positive("train.max_new_tokens", t.max_new_tokens, integer=True)
+    if t.save_steps < 0:
+        _fail("train.save_steps", t.save_steps, "an integer >= 0 (0: no checkpoints)")
     if t.warmup_steps < 0:
         _fail("train.warmup_steps", t.warmup_steps, "an integer >= 0")
     if t.weight_decay < 0:

@@ -23,8 +23,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_device(device: str) -> torch.device:
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))  # torchrun: one GPU per process
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("invalid config: device='cuda' but no CUDA device is available (allowed here: auto, cpu)")
     return torch.device(device)

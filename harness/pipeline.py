@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from harness.targets import TargetPlan, resolve_targets
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def seed_everything(seed: int) -> None:
@@ -76,12 +81,14 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     from harness.train import train
 
     t0 = time.perf_counter()
+    main = is_main_process()  # under torchrun only rank 0 writes, logs and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
-    (run_dir / "env.json").write_text(json.dumps(environment(REPO), indent=1))
+    if main:
+        (run_dir / "env.json").write_text(json.dumps(environment(REPO), indent=1))
     train_samples, eval_samples = data = build_datasets(run.data, run.seed)
     device, dtype, processor, plan, model = build(run)
-    if plan is not None:
+    if plan is not None and main:
         plan.save(run_dir / "plan.json")
         print(plan.format())
     trainable, total = modeling.count_params(model)
@@ -91,11 +98,13 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
 
     tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]
-    wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags)
+    wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags) if main else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.config.use_cache = False  # training mode: no KV cache, right padding
     losses, tokens, train_s = train(run, model, processor, collator, train_samples, run_dir, device, dtype, wb)
+    if not main:
+        return {"status": "ok", "rank": int(os.environ.get("RANK", 0)), "losses": losses}
 
     t_eval = time.perf_counter()
     result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device,
@@ -127,7 +136,8 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
         peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
         train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
-        device=str(device), dtype=str(dtype).replace("torch.", ""), status="ok",
+        device=str(device), dtype=str(dtype).replace("torch.", ""), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        status="ok",
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})

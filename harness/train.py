@@ -73,7 +73,9 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=2,
         report_to=[],
         seed=run.seed,
         data_seed=run.seed,
@@ -87,6 +89,12 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
         max_length=None,
         disable_tqdm=False,
     )
+
+
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint-N directory with the largest N that holds a complete trainer state."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype, wandb_run=None):
@@ -107,8 +115,12 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
         if n in dtypes and p.dtype != dtypes[n]:
             p.data = p.data.to(dtypes[n])
     tokens_before = collator.tokens_seen
-    trainer.train()
-    losses = cb.losses
+    resume = newest_checkpoint(run_dir / "checkpoints") if run.train.resume == "auto" else None
+    if resume is not None:
+        print(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # the whole history, also the part before a resume (restored from the checkpoint's trainer state)
+    losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h and "step" in h]
     if any(not math.isfinite(l) for _, l in losses):
         log.warning("non-finite loss during training: %s", [l for _, l in losses if not math.isfinite(l)][:3])
     return losses, collator.tokens_seen - tokens_before, cb.train_seconds
