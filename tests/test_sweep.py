@@ -80,3 +80,30 @@ def test_replay_reproduces_a_run(tmp_path):
     assert q.returncode == 0, q.stderr[-2000:]
     assert f"replay of {run_dir}: identical" in q.stdout
     assert json.loads((tmp_path / "replay" / "replay.json").read_text())["losses_identical"] is True
+
+
+@pytest.mark.parametrize("override, expect", [
+    ("hydra/launcher=slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ("hydra/launcher=local_parallel", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("experiment=optuna_lr_r", "hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"),
+])
+def test_launcher_and_sweeper_configs_compose(tmp_path, override, expect):
+    for what in ("hydra", "job"):
+        p = subprocess.run([sys.executable, "-m", "harness", override, "--cfg", what], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        if what == "hydra":
+            assert expect in p.stdout
+        else:
+            assert "lora:" in p.stdout and "strategy: full" in p.stdout
+
+
+@pytest.mark.slow
+def test_parallel_local_sweep_runs_jobs_in_processes(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "hydra/launcher=local_parallel", "lora.r=4,8",
+                        *SMALL, "logger=none", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
