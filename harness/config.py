@@ -155,6 +155,7 @@ class LoggerConfig:
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list = field(default_factory=list)
+    log_adapter: bool = False  # also log the saved adapter as a W&B artifact
 
 
 @dataclass

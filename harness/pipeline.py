@@ -122,6 +122,8 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         merged_dtype = dtype if run.save.merged_dtype == "auto" else modeling.resolve_dtype(run.save.merged_dtype,
                                                                                              device)
         save_merged(model, processor, run_dir / "merged", merged_dtype)
+    if run.logger.log_adapter and saved is not None:
+        wandb_logger.log_adapter(wb, saved, f"{run.model.name}-{run.lora.strategy}-{run_dir.name}")
     if run.save.push_to_hub and saved is not None:
         push_to_hub(saved, run.save.push_to_hub)
     peak, peak_kind = peak_memory(device)

@@ -37,6 +37,19 @@ def start(cfg: LoggerConfig, run_dir: Path, config: dict, name: str, tags: list[
     return run
 
 
+def log_adapter(run, folder: Path, name: str) -> None:
+    """The saved adapter as a W&B model artifact (offline runs keep it for `wandb sync`)."""
+    if run is None:
+        return
+    import re
+
+    import wandb
+
+    art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "-", name), type="model")
+    art.add_dir(str(folder))
+    run.log_artifact(art)
+
+
 def finish(run, summary: dict) -> None:
     if run is None:
         return

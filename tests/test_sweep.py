@@ -107,3 +107,15 @@ def test_parallel_local_sweep_runs_jobs_in_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_adapter_logged_as_wandb_artifact_when_asked(tmp_path):
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "harness", *SMALL, "logger.log_adapter=true", f"hydra.run.dir={run_dir}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "WANDB_MODE": "offline"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "wandb sync" in p.stdout
+    (wandb_file,) = (run_dir / "wandb").rglob("*.wandb")
+    assert b"tiny_qwen2_vl-full-run" in wandb_file.read_bytes()  # the artifact record
