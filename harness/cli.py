@@ -56,6 +56,11 @@ def dispatch(cfg: DictConfig):
 
         infer(run.path, run.images, run.prompt, run.device)
         return None
+    if run.mode == "bench":
+        from harness.bench import bench_mode
+
+        rows = bench_mode(run.bench, run_dir())
+        return max((r.get("tokens_per_s", 0) for r in rows), default=0)
     if run.mode == "report":
         from harness.report import print_report, write_report
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-MODES = ("train", "plan", "eval", "infer", "report", "replay")
+MODES = ("train", "plan", "eval", "infer", "report", "replay", "bench")
 QUANT_MODES = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -179,6 +179,18 @@ class SaveConfig:
 
 
 @dataclass
+class BenchConfig:
+    stacks: list = field(default_factory=lambda: ["hf16", "harness16", "harness4"])
+    batch: int = 4
+    tokens: int = 1024
+    grid: int = 32
+    r: int = 16
+    steps: int = 10
+    warmup: int = 3
+    gc: str = "unsloth"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -188,6 +200,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     mode: str = "train"
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda
@@ -334,6 +347,14 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
 
         if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
             _fail("save.push_to_hub", run.save.push_to_hub, "null, or a repo id with HF_TOKEN set in the environment")
+    if run.mode == "bench":
+        for s in run.bench.stacks:
+            _choice("bench.stacks[]", s, ("hf16", "harness16", "harness4"))
+        _choice("bench.gc", str(run.bench.gc).lower(), CHECKPOINTING)
+        for key in ("batch", "tokens", "grid", "r", "steps"):
+            _positive(f"bench.{key}", getattr(run.bench, key), integer=True)
+        if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:
+            _fail("bench.tokens", run.bench.tokens, f"more than the {run.bench.grid ** 2 // 4 + 2} image tokens")
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)
     _choice("logger.mode", run.logger.mode, WANDB_MODES)
     run.kernels.enabled = str(run.kernels.enabled).lower()

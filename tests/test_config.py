@@ -65,3 +65,20 @@ def test_cli_bad_value_exits_before_building_anything(tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "invalid config: lora.r=0 (allowed: an integer > 0)" in p.stderr
     assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_bench_config_is_validated(compose):
+    with pytest.raises(ConfigError, match=r"bench.stacks\[\]='hf17' \(allowed: one of hf16, harness16, harness4\)"):
+        compose(["mode=bench", "bench.stacks=[hf16,hf17]"])
+    with pytest.raises(ConfigError, match="bench.tokens=200 .*more than the 258 image tokens"):
+        compose(["mode=bench", "bench.tokens=200"])
+
+
+def test_bench_mode_without_cuda_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    p = subprocess.run([sys.executable, "-m", "harness", "mode=bench", f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "mode=bench needs a CUDA GPU" in p.stderr

@@ -1,0 +1,316 @@
+"""`harness mode=bench`: training-step benchmark on the GPU, this harness vs HF+PEFT, one table, one run.
+
+Workload (../shared/anchors/README.md): Qwen2-VL-2B's real architecture with random weights, LoRA r=16,
+alpha=16, dropout 0 on every vision + language attention/MLP linear (324 modules; not the merger, not
+lm_head), AdamW (fused), batch 4 x 1024 tokens, one 448x448 image per sample (1024 patches -> 256 merged
+tokens, masked from the loss), 3 warm-up + 10 timed steps; MFU with the anchors' FLOP count and the
+bf16 matmul rate measured in the same process.
+
+Stacks (each in its own process):
+  hf16        HF + PEFT, bf16, sdpa, standard non-reentrant checkpointing (the anchors' baseline)
+  harness16   PEFT LoRA + harness.kernels (fused LoRA, RMSNorm, RoPE, SwiGLU, fused linear CE)
+              + offloaded ("unsloth") checkpointing
+  harness4    the same on an nf4 (double-quant) base
+Options vary the workload: --batch --tokens --grid --r --gc (false|true|unsloth) --no-kernels.
+
+    harness mode=bench                                   # conf/bench/anchor.yaml: every stack, then a table
+    harness mode=bench bench.stacks=[hf16,harness16] bench.tokens=2048 bench.gc=unsloth
+    python -m harness.bench --all [--out results.jsonl]  # the same without Hydra
+    python -m harness.bench --stack harness16 --gc unsloth  # one stack, one JSON line
+    python -m harness.bench --stack harness16 --profile     # top kernels, GPU-busy fraction
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMG, VS, VE = 151655, 151652, 151653
+SAVE_DIR = "/tmp/q2vl2b_bench"
+
+
+def qwen2_vl_2b_config():
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
+                         rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+                         tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="silu"),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=IMG, video_token_id=151656, vision_start_token_id=VS, vision_end_token_id=VE,
+        tie_word_embeddings=True)
+
+
+TARGETS = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+           r"|visual\.blocks.*\.(qkv|attn\.proj|fc1|fc2))$")
+
+
+def make_batch(a, device):
+    g = torch.Generator().manual_seed(0)
+    n_img = a.grid * a.grid // 4
+    text = torch.randint(0, 151000, (a.batch, a.tokens - n_img - 2), generator=g)
+    ids = torch.cat([torch.full((a.batch, 1), VS), torch.full((a.batch, n_img), IMG), torch.full((a.batch, 1), VE),
+                     text], 1)
+    labels = ids.clone()
+    labels[:, : n_img + 2] = -100
+    pix = torch.randn(a.batch * a.grid * a.grid, 3 * 2 * 14 * 14, generator=g)
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
+               pixel_values=pix.to(torch.bfloat16), image_grid_thw=torch.tensor([[1, a.grid, a.grid]] * a.batch),
+               mm_token_type_ids=(ids == IMG).long())
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def flops_per_step(a):
+    """The anchors' definition: forward + input-gradient backward of every linear, 3x forward attention."""
+    v_lin = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120)
+    l_lin = 28 * (2 * 1536 * 1536 + 2 * 1536 * 256 + 3 * 1536 * 8960)
+    head = 1536 * 151936
+    tok = a.batch * a.tokens
+    patches = a.grid * a.grid
+    dense = 4 * (v_lin + l_lin + head) * tok
+    attn = 3 * (32 * 4 * patches * patches * 1280 * a.batch + 28 * 4 * a.tokens * a.tokens * 1536 * a.batch)
+    return dense + attn
+
+
+def matmul_rate():
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn_like(x)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        x @ y
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - t)
+
+
+def build(a):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLForConditionalGeneration
+
+    four = a.stack.endswith("4")
+    if four:
+        from transformers import BitsAndBytesConfig
+
+        if not os.path.exists(os.path.join(SAVE_DIR, "config.json")):
+            with torch.device("cuda"):
+                m = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_config(), dtype=torch.bfloat16)
+            m.save_pretrained(SAVE_DIR)
+            del m
+            torch.cuda.empty_cache()
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = Qwen2VLForConditionalGeneration.from_pretrained(SAVE_DIR, quantization_config=q, dtype=torch.bfloat16,
+                                                                device_map={"": 0}, attn_implementation="sdpa")
+        for p in model.parameters():
+            p.requires_grad_(False)
+    else:
+        with torch.device("cuda"):
+            model = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_config(), dtype=torch.bfloat16,
+                                                                 attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, bias="none",
+                                             target_modules=TARGETS))
+    model.config.use_cache = False
+    accelerated = {}
+    if a.stack.startswith("harness"):
+        from harness.checkpointing import enable_checkpointing
+
+        if not a.no_kernels:
+            from harness.kernels import accelerate_model
+
+            accelerated = {k: len(v) for k, v in accelerate_model(model, {"enabled": True}).items() if v}
+        ckpt = enable_checkpointing(model, a.gc, torch.device("cuda"))
+    else:
+        if a.gc != "false":
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        ckpt = a.gc
+    model.train()
+    return model, accelerated, ckpt
+
+
+def run(a):
+    torch.manual_seed(0)
+    model, accelerated, ckpt = build(a)
+    mem_load = torch.cuda.memory_allocated()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    data = make_batch(a, "cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for i in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = model(**data).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        losses.append(loss.item())
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    rate = matmul_rate()
+    return dict(stack=a.stack, gc=ckpt, batch=a.batch, tokens=a.tokens, r=a.r, gpu=torch.cuda.get_device_name(),
+                median_step_s=round(med, 4), tokens_per_s=round(a.batch * a.tokens / med),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), after_load_gib=round(mem_load / 2**30, 2),
+                trainable=sum(p.numel() for p in params), mfu=round(flops_per_step(a) / med / rate, 3),
+                matmul_tflops=round(rate / 1e12), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
+                accelerated=accelerated)
+
+
+def profile(a):
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    model, _, _ = build(a)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
+    data = make_batch(a, "cuda")
+
+    def step():
+        model(**data).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    ev = [e for e in p.key_averages() if e.device_time_total > 0]
+    busy = sum(e.self_device_time_total for e in ev) / 1e6
+    print(f"wall {wall:.3f}s for 2 steps; GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
+    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+
+
+def table(rows):
+    head = "| stack | checkpointing | batch x tokens | tokens/s | median step | peak GiB | after load GiB | MFU | loss first -> last |"
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['stack']} {r.get('args', '')} | error: {r['error'][:80]} |||||||| ")
+            continue
+        out.append(f"| {r['stack']} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
+                   f"{r['median_step_s']:.3f} s | {r['peak_gib']:.2f} | {r['after_load_gib']:.2f} | "
+                   f"{100 * r['mfu']:.1f}% | {r['loss_first']} -> {r['loss_last']} |")
+    return "\n".join(out)
+
+
+PLAN = [  # (stack, extra args): the anchor workload, then checkpointing modes at 4 x 2048
+    ("hf16", ["--gc", "true"]),
+    ("harness16", ["--gc", "unsloth"]),
+    ("harness16", ["--gc", "true"]),
+    ("harness4", ["--gc", "unsloth"]),
+    ("harness16", ["--gc", "false", "--tokens", "2048", "--grid", "32"]),
+    ("harness16", ["--gc", "true", "--tokens", "2048", "--grid", "32"]),
+    ("harness16", ["--gc", "unsloth", "--tokens", "2048", "--grid", "32"]),
+    ("harness16", ["--gc", "false"]),
+    ("hf16", ["--gc", "false"]),
+]
+
+
+def run_stacks(plan, out=None) -> list[dict]:
+    """Each (stack, extra args) in its own process; one JSON row each."""
+    rows = []
+    for stack, extra in plan:
+        cmd = [sys.executable, "-m", "harness.bench", "--stack", stack, *extra]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
+        row = json.loads(lines[-1]) if lines else dict(stack=stack, error=(p.stderr or "no output")[-300:])
+        row["args"] = " ".join(extra)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if p.returncode != 0 or "error" in row:
+            print(p.stderr[-2000:], file=sys.stderr)
+        if out:
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def plot(rows, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    names = [f"{r['stack']} ({r['gc']})" for r in ok]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.barh(names, [r["tokens_per_s"] for r in ok])
+    a1.set(xlabel="tokens/s", title="Throughput")
+    a2.barh(names, [r["peak_gib"] for r in ok], color="tab:orange")
+    a2.set(xlabel="peak GiB", title="Peak GPU memory")
+    a2.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def bench_mode(bench, out_dir) -> list[dict]:
+    """mode=bench: the stacks of conf/bench, each in its own process, then table + json + plot in the run dir."""
+    from pathlib import Path
+
+    if not torch.cuda.is_available():
+        from harness.config import ConfigError
+
+        raise ConfigError("invalid config: mode=bench needs a CUDA GPU (allowed here: train, plan, eval, infer, "
+                          "replay, report)")
+    common = ["--batch", str(bench.batch), "--tokens", str(bench.tokens), "--grid", str(bench.grid), "--r",
+              str(bench.r), "--steps", str(bench.steps), "--warmup", str(bench.warmup)]
+    plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
+    out_dir = Path(out_dir)
+    rows = run_stacks(plan, out_dir / "bench.jsonl")
+    md = table(rows)
+    (out_dir / "bench.md").write_text(md + "\n")
+    plot(rows, out_dir / "bench.png")
+    print(md)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stack", default="harness16")
+    ap.add_argument("--all", action="store_true")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--grid", type=int, default=32)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--gc", default="unsloth", choices=["false", "true", "unsloth"])
+    ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated indices of PLAN to run with --all")
+    a = ap.parse_args()
+    if a.profile:
+        return profile(a)
+    if not a.all:
+        try:
+            print(json.dumps(run(a)), flush=True)
+        except Exception as e:
+            import traceback
+
+            traceback.print_exc()
+            print(json.dumps(dict(stack=a.stack, error=f"{type(e).__name__}: {e}"[:300])), flush=True)
+        return
+    plan = [PLAN[int(i)] for i in a.only.split(",")] if a.only else PLAN
+    print(table(run_stacks(plan, a.out)))
+
+
+if __name__ == "__main__":
+    main()
