@@ -130,10 +130,11 @@ def build(a):
             accelerated = {k: len(v) for k, v in accelerate_model(model, {"enabled": True}).items() if v}
         ckpt = enable_checkpointing(model, a.gc, torch.device("cuda"))
     else:
-        if a.gc != "false":
+        ckpt = "off"
+        if a.gc != "false":  # the baseline has no offloading: standard checkpointing for true and unsloth
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        ckpt = a.gc
+            ckpt = "standard"
     model.train()
     return model, accelerated, ckpt
 
