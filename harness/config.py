@@ -364,3 +364,17 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     if run.mode == "infer" and not run.images:
         _fail("images", run.images, "a list of image files, e.g. images=[a.png,b.png]")
     return run
+
+
+def load_saved_run(path, *required: str):
+    """The composed config saved in a finished run directory (.hydra/config.yaml), checking that the
+    files named in `required` (relative to the run dir) exist. Returns (DictConfig, run dir Path)."""
+    from pathlib import Path
+
+    path = Path(path)
+    missing = [r for r in (".hydra/config.yaml", *required) if not (path / r).exists()]
+    if missing:
+        raise ConfigError(f"invalid config: path={str(path)!r} is not a finished training run "
+                          f"(allowed: a run directory with {', '.join(['.hydra/config.yaml', *required])}; "
+                          f"missing: {', '.join(missing)})")
+    return OmegaConf.load(path / ".hydra" / "config.yaml"), path

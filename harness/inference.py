@@ -9,24 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
 from harness import modeling
 from harness.collator import ChatCollator
-from harness.config import ConfigError, RunConfig, validate
+from harness.config import ConfigError, RunConfig, load_saved_run, validate
 
 
 def load_run(path: str | Path, device: str = "auto"):
     """(run config, device, dtype, processor, model with adapter) of a finished run directory."""
     from peft import PeftModel
 
-    path = Path(path)
-    cfg_file, adapter = path / ".hydra" / "config.yaml", path / "adapter"
-    if not cfg_file.exists() or not (adapter / "adapter_config.json").exists():
-        raise ConfigError(f"invalid config: path={str(path)!r} is not a finished training run "
-                          "(allowed: a run directory with .hydra/config.yaml and adapter/)")
-    cfg = OmegaConf.load(cfg_file)
+    cfg, path = load_saved_run(path, "adapter/adapter_config.json")
+    adapter = path / "adapter"
     cfg.mode, cfg.device = "train", device
     run: RunConfig = validate(cfg)
     dev = modeling.resolve_device(run.device)

@@ -6,21 +6,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from harness.config import ConfigError, validate
+from harness.config import load_saved_run, validate
 
 
 def replay(path: str | Path, out_dir: Path) -> dict:
     from harness.pipeline import train_run
     from harness.secrets import redact
 
-    path = Path(path)
-    cfg_file, metrics_file = path / ".hydra" / "config.yaml", path / "metrics.json"
-    if not cfg_file.exists() or not metrics_file.exists():
-        raise ConfigError(f"invalid config: path={str(path)!r} is not a finished run "
-                          "(allowed: a run directory with .hydra/config.yaml and metrics.json)")
-    cfg = OmegaConf.load(cfg_file)
+    cfg, path = load_saved_run(path, "metrics.json")
     run = validate(cfg)
-    before = json.loads(metrics_file.read_text())
+    before = json.loads((path / "metrics.json").read_text())
     env_file = path / "env.json"
     if env_file.exists():
         env = json.loads(env_file.read_text())

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "overrides", "status", "model", "strategy", "quant", "trainable_params", "trainable_vision",
            "trainable_projector", "trainable_language", "loss_first", "loss_last", "eval_exact_match",
-           "tokens_per_s", "peak_memory_gib", "wall_s", "error"]
+           "eval_cer", "data_skipped", "tokens_per_s", "peak_memory_gib", "wall_s", "error"]
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -35,8 +35,8 @@ def read_job(d: Path) -> dict:
         m = json.loads(metrics.read_text())
         comp = m.get("trainable_by_component") or {}
         row.update({k: m.get(k) for k in ("status", "model", "strategy", "quant", "trainable_params", "loss_first",
-                                           "loss_last", "eval_exact_match", "tokens_per_s", "peak_memory_gib",
-                                           "wall_s")})
+                                           "loss_last", "eval_exact_match", "eval_cer", "data_skipped", "tokens_per_s",
+                                           "peak_memory_gib", "wall_s")})
         row.update(trainable_vision=comp.get("vision"), trainable_projector=comp.get("projector"),
                    trainable_language=comp.get("language"), losses=m.get("losses") or [])
     if status.exists():
@@ -74,7 +74,7 @@ def write_report(sweep_dir: str | Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     files.append(sweep_dir / "summary.csv")
-    md_cols = ["job", "status", "trainable_params", "loss_last", "eval_exact_match", "tokens_per_s",
+    md_cols = ["job", "status", "trainable_params", "loss_last", "eval_exact_match", "eval_cer", "tokens_per_s",
                "peak_memory_gib", "wall_s"]
     lines = [f"# Sweep report: {sweep_dir}", "", f"{len(rows)} jobs, "
              f"{sum(r['status'] == 'ok' for r in rows)} ok, {sum(r['status'] != 'ok' for r in rows)} not ok", "",
