@@ -39,6 +39,15 @@ def make_plan(run: RunConfig, model=None) -> TargetPlan:
     return resolve_targets(tree, arch, run.lora, run.model.name, run.model.modules_to_save)
 
 
+def host_rss_gib() -> float | None:
+    """Current resident memory of this process (Linux), to see growth across in-process sweep jobs."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError):
+        return None
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "GPU allocated"
@@ -81,6 +90,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     from harness.train import train
 
     t0 = time.perf_counter()
+    rss_start = host_rss_gib()  # in a sweep: what earlier jobs of this process left behind
     main = is_main_process()  # under torchrun only rank 0 writes, logs and evaluates
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(run.seed)
@@ -138,7 +148,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
         peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
         train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
-        device=str(device), dtype=str(dtype).replace("torch.", ""), world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""), world_size=int(os.environ.get("WORLD_SIZE", 1)),
         status="ok",
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -119,3 +119,15 @@ def test_adapter_logged_as_wandb_artifact_when_asked(tmp_path):
     assert "wandb sync" in p.stdout
     (wandb_file,) = (run_dir / "wandb").rglob("*.wandb")
     assert b"tiny_qwen2_vl-full-run" in wandb_file.read_bytes()  # the artifact record
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_across_in_process_jobs(tmp_path):
+    """Jobs of a basic-launcher sweep share one process: what a job leaves behind must be released."""
+    sweep = tmp_path / "sweep"
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "lora.r=4,4,4,4,4", *SMALL, "logger=none",
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rss = [json.loads((sweep / str(i) / "metrics.json").read_text())["host_rss_start_gib"] for i in range(5)]
+    # job 0 pays for first imports and caches; from job 1 on the process must stay flat
+    assert max(rss[1:]) - rss[1] < 0.05, rss
