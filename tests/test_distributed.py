@@ -8,12 +8,14 @@ import pytest
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_train_one_run(tmp_path):
+@pytest.mark.parametrize("checkpointing", ["false", "unsloth"])
+def test_torchrun_two_cpu_processes_train_one_run(tmp_path, checkpointing):
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
                         "-m", "harness", "logger=none", "train.max_steps=3", "train.per_device_train_batch_size=2",
                         "data.max_train_samples=16", "data.max_eval_samples=2", "train.logging_steps=1",
+                        f"train.gradient_checkpointing={checkpointing}",
                         f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                        env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
