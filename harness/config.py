@@ -343,9 +343,9 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
 
     _choice("save.merged_dtype", run.save.merged_dtype, DTYPES)
     if run.save.push_to_hub and run.mode == "train":
-        import os
+        from harness.secrets import hub_token
 
-        if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+        if not hub_token():
             _fail("save.push_to_hub", run.save.push_to_hub, "null, or a repo id with HF_TOKEN set in the environment")
     if run.mode == "bench":
         for s in run.bench.stacks:

@@ -148,8 +148,8 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
         peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
         train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
-        host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        status="ok",
+        host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)), status="ok",
     )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
@@ -159,12 +159,11 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
 
 def push_to_hub(folder: Path, repo_id: str) -> None:
     """Upload a saved folder; the token comes from the environment and is passed, never stored."""
-    import os
-
     from huggingface_hub import HfApi
 
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    api = HfApi(token=token)
+    from harness.secrets import hub_token
+
+    api = HfApi(token=hub_token())
     api.create_repo(repo_id, exist_ok=True, private=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(folder))
     print(f"pushed {folder} to https://huggingface.co/{repo_id}")

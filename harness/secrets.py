@@ -10,6 +10,11 @@ SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)"
 REDACTED = "***REDACTED***"
 
 
+def hub_token() -> str | None:
+    """The Hugging Face token from the environment (read when needed, never stored)."""
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
 def secret_values() -> list[str]:
     vals = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
     vals += [v for k, v in os.environ.items() if SECRET_KEY.search(k) and v and len(v) >= 8]

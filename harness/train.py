@@ -33,10 +33,9 @@ class IndexedCollator:
 
 
 class MetricsCallback(TrainerCallback):
-    """Collects the loss per step and forwards logs to W&B (if a run is active)."""
+    """Times training and forwards the trainer's logs to W&B (if a run is active)."""
 
     def __init__(self, wandb_run=None):
-        self.losses: list[tuple[int, float]] = []
         self.wandb_run = wandb_run
         self.t0 = None
         self.train_seconds = 0.0
@@ -48,11 +47,8 @@ class MetricsCallback(TrainerCallback):
         self.train_seconds = time.perf_counter() - self.t0
 
     def on_log(self, args, state, control, logs=None, **kw):
-        logs = logs or {}
-        if "loss" in logs:
-            self.losses.append((state.global_step, float(logs["loss"])))
         if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
+            self.wandb_run.log({f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
                                step=state.global_step)
 
 
