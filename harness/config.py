@@ -166,6 +166,8 @@ class KernelsConfig:
     rope: bool = True
     swiglu: bool = True
     cross_entropy: bool = True
+    # auto: on with the kernels (CUDA): every decoder layer / vision block through torch.compile
+    compile: str = "auto"
 
 
 @dataclass
@@ -359,6 +361,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _choice("logger.mode", run.logger.mode, WANDB_MODES)
     run.kernels.enabled = str(run.kernels.enabled).lower()
     _choice("kernels.enabled", run.kernels.enabled, KERNEL_SWITCH)
+    run.kernels.compile = str(run.kernels.compile).lower()
+    _choice("kernels.compile", run.kernels.compile, KERNEL_SWITCH)
     if run.mode in ("eval", "infer", "report", "replay") and not run.path:
         _fail("path", run.path, f"a run directory (mode={run.mode} needs the run to evaluate)")
     if run.mode == "infer" and not run.images:

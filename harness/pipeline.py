@@ -78,7 +78,7 @@ def accelerate(run: RunConfig, model) -> dict:
     # TRL's SFTTrainer computes the loss with its own fused LM head (it never builds full logits),
     # so the cross-entropy kernel is for loops that call model(**batch).loss (benchmarks, scripts).
     cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
-               swiglu=k.swiglu, cross_entropy=False)
+               swiglu=k.swiglu, cross_entropy=False, compile=k.compile != "false")
     return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
 
 
@@ -117,6 +117,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         return {"status": "ok", "rank": int(os.environ.get("RANK", 0)), "losses": losses}
 
     t_eval = time.perf_counter()
+    if accelerated.get("compiled_layers"):
+        from harness.kernels.compiled import uncompile_layers
+
+        uncompile_layers(model)  # generation: growing KV cache, one token at a time: eager is the better fit
     result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device,
                       dtype)
     eval_s = time.perf_counter() - t_eval

@@ -14,6 +14,8 @@ scale is decoded once per block rather than once per element. The reference is b
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._triton_utils import jit, tl, triton, use_triton
@@ -58,8 +60,11 @@ def quant_state_tensors(quant_state):
         raise ValueError(f"only nf4 is supported, got {qs.quant_type!r}")
     if qs.nested:
         s2 = qs.state2
-        off = qs.offset
-        off = float(off.item()) if torch.is_tensor(off) else float(off)
+        off = qs.__dict__.get("_harness_offset")
+        if off is None:  # a device tensor: read it once per QuantState, not once per call (a host sync)
+            off = qs.offset
+            off = float(off.item()) if torch.is_tensor(off) else float(off)
+            qs.__dict__["_harness_offset"] = off
         return qs.absmax, qs.blocksize, s2.absmax, s2.code, s2.blocksize, off, tuple(qs.shape), qs.dtype
     return qs.absmax, qs.blocksize, None, None, 0, 0.0, tuple(qs.shape), qs.dtype
 
@@ -67,7 +72,10 @@ def quant_state_tensors(quant_state):
 def dequantize_nf4_torch(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Pure-PyTorch dequantisation with the same arithmetic as the kernel."""
     absmax, bs, absmax2, code2, bs2, offset, shape, qdtype = quant_state_tensors(quant_state)
-    dtype = dtype or qdtype
+    return _dequantize_torch(packed, absmax, bs, absmax2, code2, bs2, offset, shape, dtype or qdtype)
+
+
+def _dequantize_torch(packed, absmax, bs, absmax2, code2, bs2, offset, shape, dtype) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
@@ -135,6 +143,10 @@ def dequantize_nf4(
             out.copy_(res)
             return out
         return res
+    return _dequantize_triton(packed, absmax, bs, absmax2, code2, bs2, offset, shape, dtype, out)
+
+
+def _dequantize_triton(packed, absmax, bs, absmax2, code2, bs2, offset, shape, dtype, out=None) -> torch.Tensor:
     n_out = 1
     for s in shape:
         n_out *= s
@@ -162,3 +174,34 @@ def dequantize_nf4(
         num_warps=4,
     )
     return out
+
+
+# torch.compile sees the dequantisation as one opaque op (the Triton launch, or the torch formula
+# off-GPU): compiled layers on an nf4 base call this instead of tracing into the launcher.
+@torch.library.custom_op("harness::dequantize_nf4", mutates_args=())
+def dequantize_nf4_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    absmax2: Optional[torch.Tensor],
+    code2: Optional[torch.Tensor],
+    blocksize2: int,
+    offset: float,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    args = (packed, absmax, blocksize, absmax2, code2, blocksize2, offset, tuple(shape), dtype)
+    if use_triton(packed):
+        return _dequantize_triton(*args)
+    return _dequantize_torch(*args)
+
+
+@dequantize_nf4_op.register_fake
+def _(packed, absmax, blocksize, absmax2, code2, blocksize2, offset, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+def dequantize_nf4_compilable(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`dequantize_nf4` through the registered op (traceable by torch.compile)."""
+    absmax, bs, absmax2, code2, bs2, offset, shape, qdtype = quant_state_tensors(quant_state)
+    return dequantize_nf4_op(packed, absmax, bs, absmax2, code2, bs2, offset, list(shape), dtype or qdtype)

@@ -21,7 +21,9 @@ unchanged. :func:`revert_model` undoes everything.
 
 ``cfg``: a dict or object with ``enabled`` ('auto' | True | False) and booleans ``lora``,
 ``rms_norm``, ``rope``, ``swiglu``, ``cross_entropy`` (missing fields default to True;
-``enabled`` defaults to 'auto'). 'auto' swaps only when the model's parameters are on CUDA and
+``enabled`` defaults to 'auto'), ``compile`` (default False: see :mod:`compiled`; True compiles every
+decoder layer / vision block with the compiler-friendly LoRA forward and leaves norms, rope and
+activations to Inductor) and ``compile_backend`` (default 'inductor'). 'auto' swaps only when the model's parameters are on CUDA and
 Triton imports; ``force=True`` swaps regardless of device (tests use it on CPU with
 ``TRITON_INTERPRET=1``; without the interpreter the swapped forwards run the PyTorch references).
 """
@@ -58,9 +60,11 @@ _GELU_TANH = {"GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "GELUPytorchTa
 class KernelConfig:
     """Plain config object (a dict or any object with these attributes works too)."""
 
-    def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True):
+    def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
+                 compile=False, compile_backend="inductor"):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
+        self.compile, self.compile_backend = compile, compile_backend
 
 
 def _cfg_get(cfg, name, default):
@@ -108,8 +112,12 @@ def revert_model(model: nn.Module) -> None:
         else:
             object.__setattr__(m, attr, prev)
         del m.__dict__[_SAVED]
-        for extra in ("_harness_kernels_lora", "_harness_kernels_act"):
+        for extra in ("_harness_kernels_lora", "_harness_kernels_act", "_harness_seg_len"):
             m.__dict__.pop(extra, None)
+    from .compiled import remove_segment_hooks, uncompile_layers
+
+    uncompile_layers(model)
+    remove_segment_hooks(model)
     for mod, fn in list(_ROPE_PATCHED.items()):
         mod.apply_rotary_pos_emb = fn
         _ROPE_PATCHED.pop(mod)
@@ -324,6 +332,21 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     want_rope = bool(_cfg_get(cfg, "rope", True))
     want_act = bool(_cfg_get(cfg, "swiglu", True))
     want_ce = bool(_cfg_get(cfg, "cross_entropy", True))
+    want_compile = _cfg_get(cfg, "compile", False)
+    if isinstance(want_compile, str):
+        want_compile = want_compile.lower() in ("true", "auto", "on", "yes", "1")
+    if want_compile:
+        from .compiled import can_compile, compile_layers, prepare_for_compile
+
+        ok, why = can_compile(model)
+        if not ok:
+            warnings.warn(f"accelerate_model: not compiling ({why}); using the eager kernels")
+            want_compile = False
+    if want_compile:
+        # inside compiled layers the compiler fuses norms / rope / activations with their neighbours;
+        # the hand-written kernels are for eager mode
+        report.update(prepare_for_compile(model, want_lora))
+        want_lora = want_rms = want_rope = want_act = False
 
     for name, m in model.named_modules():
         if want_lora:
@@ -377,4 +400,6 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
         if lm is not None and isinstance(lm.lm_head, nn.Linear) and type(lm.lm_head) is nn.Linear:
             _swap_forward(lm, _ce_forward)
             report["cross_entropy"].append(name)
+    if want_compile:
+        report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend", "inductor"))
     return dict(report)

@@ -1,0 +1,195 @@
+"""Regional compilation: every decoder layer and vision block through ``torch.compile``.
+
+Why: with LoRA on all 324 linears of a 2B VLM, an eager training step issues thousands of small
+kernels (casts, scale, add, norms, rope pieces) and the GPU waits on the host most of the time
+(docs/benchmarks.md: 30% busy). Compiling one layer turns its forward and backward into a few
+large generated Triton kernels around the cuBLAS matmuls, launched from a flat wrapper with no
+per-op Python or autograd overhead. Every layer of a stack shares the same code, so a stack is
+compiled once (Dynamo lifts the layer's parameters to graph inputs), not once per layer.
+
+What runs inside a compiled layer (``compile_layers`` after :func:`prepare_for_compile`):
+
+* LoRA linears (PEFT, one adapter, dropout 0, no DoRA): the same eligibility as the fused kernel;
+  the forward is written for the compiler: the rank-r update and the bias in one ``addmm``
+  (scale folded into alpha), the base matmul added into it by a second ``addmm`` (beta=1), adapters
+  cast to the activation dtype inside the graph (fp32 master weights stay fp32 for the
+  optimizer). nf4 bases go through the registered ``harness::dequantize_nf4`` op (the Triton
+  dequant kernel, opaque to the compiler).
+* Norms, rotary embeddings and activations: the models' own PyTorch code, fused by Inductor with
+  their neighbours (residual adds, casts): the hand-written kernels of this package stay for
+  eager mode.
+* Per-image vision attention (Qwen2-VL style towers: packed patches, ``cu_seqlens``, no windows):
+  when every image of the batch has the same number of patches, one batched SDPA call over
+  ``[images, heads, patches, dim]`` instead of a host-synchronised split and one call per image.
+
+Layers are found as transformers' ``GradientCheckpointingLayer`` instances, so checkpointing
+(standard or offloaded) wraps the compiled layer unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import types
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nf4_dequant import dequantize_nf4_compilable
+
+__all__ = ["prepare_for_compile", "compile_layers", "lean_lora_forward", "can_compile"]
+
+_SEG = "_harness_seg_len"  # attention-module attribute: patches per image, or None
+
+
+def can_compile(model: nn.Module) -> tuple[bool, str]:
+    """(ok, why not). Compilation needs torch >= 2.4 (custom ops, inlined nn modules)."""
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    if (major, minor) < (2, 4):
+        return False, f"torch {torch.__version__} < 2.4"
+    if not hasattr(nn.Module, "compile"):
+        return False, "nn.Module.compile missing"
+    return True, ""
+
+
+# --------------------------------------------------------------------------- LoRA
+def lean_lora_forward(self, x, *args, **kwargs):
+    """``base(x) + s * B(A(x))`` as two addmm calls: traceable, no fp32 round trip."""
+    from .patch import _lora_call_args, _original_forward
+
+    call = None if (args or kwargs) else _lora_call_args(self)
+    if call is None:
+        return _original_forward(self)(x, *args, **kwargs)
+    w, b, A, B, s, nf4 = call
+    dt = x.dtype
+    if nf4 is not None:
+        w = dequantize_nf4_compilable(nf4[0], nf4[1], dt)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xa = F.linear(x2, A.to(dt))
+    out_features = B.shape[0]
+    if b is not None:
+        y = torch.addmm(b.to(dt), xa, B.to(dt).t(), alpha=s)
+    else:
+        y = torch.mm(xa, B.to(dt).t()) * s
+    y = torch.addmm(y, x2, w.to(dt).t())
+    return y.reshape(*shape[:-1], out_features)
+
+
+# --------------------------------------------------------------------------- vision attention
+def _per_image_tower(m: nn.Module) -> bool:
+    """A packed-patch vision tower whose every block attends within each image (no windows)."""
+    blocks = getattr(m, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return False
+    if hasattr(m, "fullatt_block_indexes") or hasattr(m, "window_size"):
+        return False  # windowed towers (Qwen2.5-VL) attend over unequal windows
+    try:
+        params = inspect.signature(m.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    if "grid_thw" not in params:
+        return False
+    return all(_attention_patchable(getattr(b, "attn", None)) for b in blocks)
+
+
+def _attention_patchable(a) -> bool:
+    if a is None or not all(hasattr(a, n) for n in ("qkv", "proj", "num_heads")):
+        return False
+    pymod = sys.modules.get(type(a).__module__)
+    rope = getattr(pymod, "apply_rotary_pos_emb_vision", None)
+    try:
+        return rope is not None and "cu_seqlens" in inspect.signature(type(a).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _set_segments(tower, args, kwargs):
+    grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    seg = None
+    if torch.is_tensor(grid) and grid.ndim == 2 and grid.shape[0] > 0:
+        sizes = {int(t) * int(h) * int(w) for t, h, w in grid.tolist()}  # one host sync per tower call
+        if len(sizes) == 1:
+            seg = sizes.pop()
+    for blk in tower.blocks:
+        blk.attn.__dict__[_SEG] = seg
+
+
+def _batched_vision_attention(self, hidden_states, *args, **kwargs):
+    from .patch import _original_forward
+
+    seg = self.__dict__.get(_SEG)
+    n = hidden_states.shape[0]
+    position_embeddings = kwargs.get("position_embeddings")
+    if args or seg is None or position_embeddings is None or n % seg or kwargs.get("output_attentions"):
+        return _original_forward(self)(hidden_states, *args, **kwargs)
+    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb_vision
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = rope(q, k, cos, sin)
+    imgs = n // seg
+
+    def heads(t):  # [n, H, d] -> [images, H, seg, d]
+        return t.reshape(imgs, seg, self.num_heads, -1).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads(q), heads(k.to(q.dtype)), heads(v.to(q.dtype)))
+    return self.proj(out.transpose(1, 2).reshape(n, -1))
+
+
+# --------------------------------------------------------------------------- entry points
+def prepare_for_compile(model: nn.Module, want_lora: bool = True) -> dict:
+    """Swap the compiler-friendly forwards in; return ``{what: [module names]}``."""
+    from .patch import _lora_static_info, _swap_forward
+
+    report: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if want_lora:
+            info = _lora_static_info(m)
+            if info is not None:
+                object.__setattr__(m, "_harness_kernels_lora", info)
+                _swap_forward(m, lean_lora_forward)
+                report.setdefault("lora_linear_nf4" if info[1] else "lora_linear", []).append(name)
+                continue
+        if _per_image_tower(m) and "_harness_seg_hook" not in m.__dict__:
+            m.__dict__["_harness_seg_hook"] = m.register_forward_pre_hook(_set_segments, with_kwargs=True)
+            for i, blk in enumerate(m.blocks):
+                _swap_forward(blk.attn, _batched_vision_attention)
+                report.setdefault("vision_attention_batched", []).append(f"{name}.blocks.{i}.attn")
+    return report
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> list[str]:
+    """``torch.compile`` every GradientCheckpointingLayer in place; return their names."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no common layer class
+        warnings.warn("compile_layers: transformers has no GradientCheckpointingLayer; nothing compiled")
+        return []
+    # one compiled graph per layer *stack* is the point; grad on/off, checkpoint recompute and a
+    # second sequence length each add an entry, so leave room before Dynamo falls back to eager
+    dyn = torch._dynamo.config
+    dyn.cache_size_limit = max(dyn.cache_size_limit, 64)
+    if hasattr(dyn, "accumulated_cache_size_limit"):
+        dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 512)
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and m._compiled_call_impl is None:
+            m.compile(backend=backend, mode=mode)
+            names.append(name)
+    return names
+
+
+def uncompile_layers(model: nn.Module) -> None:
+    """Back to eager layers (the compiler-friendly forwards stay: they are plain PyTorch)."""
+    for m in model.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+
+
+def remove_segment_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        hook = m.__dict__.pop("_harness_seg_hook", None)
+        if hook is not None:
+            hook.remove()
