@@ -189,6 +189,26 @@ def profile(a):
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    # where the host waits: issue time (CPU returns) vs completion time (after a sync), per phase
+    ph = {}
+    for _ in range(3):
+        t0 = time.perf_counter()
+        loss = model(**data).loss
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t5 = time.perf_counter()
+        for k, v in dict(fwd_issue=t1 - t0, fwd_done=t2 - t0, bwd_issue=t3 - t2, bwd_done=t4 - t2,
+                         opt_done=t5 - t4).items():
+            ph.setdefault(k, []).append(v)
+    print("phases (s, median of 3): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ph.items()))
     t = time.perf_counter()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(2):
@@ -199,6 +219,7 @@ def profile(a):
     busy = sum(e.self_device_time_total for e in ev) / 1e6
     print(f"wall {wall:.3f}s for 2 steps; GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
 def table(rows):

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .nf4_dequant import dequantize_nf4_compilable
+from .nf4_dequant import dequantize_nf4_op, quant_state_tensors
 
 __all__ = ["prepare_for_compile", "compile_layers", "lean_lora_forward", "can_compile"]
 
@@ -65,7 +65,10 @@ def lean_lora_forward(self, x, *args, **kwargs):
     w, b, A, B, s, nf4 = call
     dt = x.dtype
     if nf4 is not None:
-        w = dequantize_nf4_compilable(nf4[0], nf4[1], dt)
+        # plain tensors captured by prepare_for_compile: bitsandbytes' Params4bit subclass and the
+        # QuantState's device scalar (.item()) stay out of the traced graph
+        packed, absmax, bs, absmax2, code2, bs2, offset, wshape, _ = self.__dict__["_harness_nf4_plain"]
+        w = dequantize_nf4_op(packed, absmax, bs, absmax2, code2, bs2, offset, wshape, dt)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     xa = F.linear(x2, A.to(dt))
@@ -149,6 +152,12 @@ def prepare_for_compile(model: nn.Module, want_lora: bool = True) -> dict:
             info = _lora_static_info(m)
             if info is not None:
                 object.__setattr__(m, "_harness_kernels_lora", info)
+                if info[1]:
+                    w = m.get_base_layer().weight
+                    packed = w.data.as_subclass(torch.Tensor)
+                    absmax, bs, absmax2, code2, bs2, offset, wshape, qdtype = quant_state_tensors(w.quant_state)
+                    m.__dict__["_harness_nf4_plain"] = (packed, absmax, bs, absmax2, code2, bs2, offset,
+                                                        list(wshape), qdtype)
                 _swap_forward(m, lean_lora_forward)
                 report.setdefault("lora_linear_nf4" if info[1] else "lora_linear", []).append(name)
                 continue

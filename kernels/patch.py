@@ -112,7 +112,7 @@ def revert_model(model: nn.Module) -> None:
         else:
             object.__setattr__(m, attr, prev)
         del m.__dict__[_SAVED]
-        for extra in ("_harness_kernels_lora", "_harness_kernels_act", "_harness_seg_len"):
+        for extra in ("_harness_kernels_lora", "_harness_kernels_act", "_harness_seg_len", "_harness_nf4_plain"):
             m.__dict__.pop(extra, None)
     from .compiled import remove_segment_hooks, uncompile_layers
 
