@@ -12,6 +12,8 @@ Stacks (each in its own process):
               torch.compile, compiler-friendly LoRA, batched per-image vision attention), fused linear CE,
               offloaded ("unsloth") checkpointing; --no-compile: the eager Triton kernels instead
   harness4    the same on an nf4 (double-quant) base
+  liger16 / liger4 / unsloth16 / unsloth4   the peers (harness/bench_peers.py; wheels from
+              benchmarks/fetch_peer_wheels.sh): HF+PEFT+Liger-Kernel, Unsloth FastVisionModel
 Options vary the workload: --batch --tokens --grid --r --gc (false|true|unsloth) --no-kernels.
 
     harness mode=bench                                   # conf/bench/anchor.yaml: every stack, then a table
@@ -95,6 +97,10 @@ def matmul_rate():
 
 
 def build(a):
+    if a.stack.startswith(("liger", "unsloth")):  # first: Unsloth must be imported before transformers/peft
+        from harness.bench_peers import build_peer
+
+        return build_peer(a, qwen2_vl_2b_config, TARGETS, save_dir=SAVE_DIR)
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -235,16 +241,13 @@ def table(rows):
     return "\n".join(out)
 
 
-PLAN = [  # (stack, extra args): the anchor workload, then checkpointing modes at 4 x 2048
+PLAN = [  # (stack, extra args): the anchor workload, every stack, one table
     ("hf16", ["--gc", "true"]),
+    ("liger16", ["--gc", "true"]),
+    ("unsloth16", ["--gc", "unsloth"]),
+    ("unsloth4", ["--gc", "unsloth"]),
     ("harness16", ["--gc", "unsloth"]),
-    ("harness16", ["--gc", "true"]),
     ("harness4", ["--gc", "unsloth"]),
-    ("harness16", ["--gc", "false", "--tokens", "2048", "--grid", "32"]),
-    ("harness16", ["--gc", "true", "--tokens", "2048", "--grid", "32"]),
-    ("harness16", ["--gc", "unsloth", "--tokens", "2048", "--grid", "32"]),
-    ("harness16", ["--gc", "false"]),
-    ("hf16", ["--gc", "false"]),
 ]
 
 
@@ -297,6 +300,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
                           "replay, report)")
     common = ["--batch", str(bench.batch), "--tokens", str(bench.tokens), "--grid", str(bench.grid), "--r",
               str(bench.r), "--steps", str(bench.steps), "--warmup", str(bench.warmup)]
+    if not bench.compile:
+        common.append("--no-compile")
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
     out_dir = Path(out_dir)
     rows = run_stacks(plan, out_dir / "bench.jsonl")

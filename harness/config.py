@@ -21,6 +21,7 @@ CHECKPOINTING = ("unsloth", "true", "false")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 KERNEL_SWITCH = ("auto", "true", "false")
+BENCH_STACKS = ("hf16", "liger16", "liger4", "unsloth16", "unsloth4", "harness16", "harness4")
 DATA_ON_BAD = ("skip", "error")
 TEXT_KINDS = ("word", "number", "formula")
 
@@ -182,7 +183,7 @@ class SaveConfig:
 
 @dataclass
 class BenchConfig:
-    stacks: list = field(default_factory=lambda: ["hf16", "harness16", "harness4"])
+    stacks: list = field(default_factory=lambda: ["hf16", "liger16", "unsloth16", "unsloth4", "harness16", "harness4"])
     batch: int = 4
     tokens: int = 1024
     grid: int = 32
@@ -190,6 +191,7 @@ class BenchConfig:
     steps: int = 10
     warmup: int = 3
     gc: str = "unsloth"
+    compile: bool = True  # harness stacks: regional torch.compile (false: the eager Triton kernels)
 
 
 @dataclass
@@ -351,7 +353,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             _fail("save.push_to_hub", run.save.push_to_hub, "null, or a repo id with HF_TOKEN set in the environment")
     if run.mode == "bench":
         for s in run.bench.stacks:
-            _choice("bench.stacks[]", s, ("hf16", "harness16", "harness4"))
+            _choice("bench.stacks[]", s, BENCH_STACKS)
         _choice("bench.gc", str(run.bench.gc).lower(), CHECKPOINTING)
         for key in ("batch", "tokens", "grid", "r", "steps"):
             _positive(f"bench.{key}", getattr(run.bench, key), integer=True)

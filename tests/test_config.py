@@ -68,7 +68,7 @@ def test_cli_bad_value_exits_before_building_anything(tmp_path):
 
 
 def test_bench_config_is_validated(compose):
-    with pytest.raises(ConfigError, match=r"bench.stacks\[\]='hf17' \(allowed: one of hf16, harness16, harness4\)"):
+    with pytest.raises(ConfigError, match=r"bench.stacks\[\]='hf17' \(allowed: one of hf16, liger16, liger4, unsloth16, unsloth4, harness16, harness4\)"):
         compose(["mode=bench", "bench.stacks=[hf16,hf17]"])
     with pytest.raises(ConfigError, match="bench.tokens=200 .*more than the 258 image tokens"):
         compose(["mode=bench", "bench.tokens=200"])
