@@ -203,7 +203,10 @@ def ensure_saved(config_fn, save_dir: str, processor: bool, device: str = "cuda"
     have_processor = os.path.exists(os.path.join(save_dir, "tokenizer_config.json"))
     if have_model and (have_processor or not processor):
         return
-    spec = f"{config_fn.__module__}:{config_fn.__qualname__}"
+    module = config_fn.__module__
+    if module == "__main__":  # `python -m harness.bench`: the function's importable home is its spec name
+        module = getattr(sys.modules["__main__"].__spec__, "name", None) or "harness.bench"
+    spec = f"{module}:{config_fn.__qualname__}"
     cmd = [sys.executable, "-m", "harness.bench_peers", "--save", save_dir, "--config", spec, "--device", device]
     if not processor:
         cmd.append("--no-processor")
