@@ -61,12 +61,12 @@ def quant_state_tensors(quant_state):
     if qs.nested:
         s2 = qs.state2
         off = qs.__dict__.get("_harness_offset")
-        if off is None:  # a device tensor: read it once per QuantState, not once per call (a host sync)
-            off = qs.offset
-            off = float(off.item()) if torch.is_tensor(off) else float(off)
+        if off is None:  # kept on the device as a 1-element tensor: never read on the host (no sync),
+            # and compiled graphs take it as an input instead of baking a per-layer constant
+            off = torch.as_tensor(qs.offset, dtype=torch.float32).to(qs.absmax.device).reshape(1)
             qs.__dict__["_harness_offset"] = off
         return qs.absmax, qs.blocksize, s2.absmax, s2.code, s2.blocksize, off, tuple(qs.shape), qs.dtype
-    return qs.absmax, qs.blocksize, None, None, 0, 0.0, tuple(qs.shape), qs.dtype
+    return qs.absmax, qs.blocksize, None, None, 0, None, tuple(qs.shape), qs.dtype
 
 
 def dequantize_nf4_torch(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -93,8 +93,8 @@ def _dequantize_torch(packed, absmax, bs, absmax2, code2, bs2, offset, shape, dt
 
 @jit
 def _nf4_kernel(
-    A, ABSMAX, ABSMAX2, CODE2, OUT, CODE,
-    n_bytes, n_out, n_blocks, offset,
+    A, ABSMAX, ABSMAX2, CODE2, OFFSET, OUT, CODE,
+    n_bytes, n_out, n_blocks,
     BLOCKSIZE: tl.constexpr,
     BLOCKSIZE2: tl.constexpr,
     NESTED: tl.constexpr,
@@ -108,7 +108,7 @@ def _nf4_kernel(
     if NESTED:
         q = tl.load(ABSMAX + rows, mask=rmask, other=0).to(tl.int32)
         s = tl.load(CODE2 + q, mask=rmask, other=0.0) * tl.load(ABSMAX2 + rows // BLOCKSIZE2, mask=rmask, other=0.0)
-        scale = s + offset
+        scale = s + tl.load(OFFSET)
     else:
         scale = tl.load(ABSMAX + rows, mask=rmask, other=0.0).to(tl.float32)
     byte_idx = rows[:, None] * HALF + tl.arange(0, HALF)[None, :]
@@ -165,11 +165,11 @@ def _dequantize_triton(packed, absmax, bs, absmax2, code2, bs2, offset, shape, d
         absmax2 = absmax2.float().contiguous()
         code2 = code2.to(device=packed.device, dtype=torch.float32).contiguous()
     else:
-        absmax2 = code2 = absmax  # unused
+        absmax2 = code2 = offset = absmax  # unused
     grid = (triton.cdiv(n_blocks, rows),)
     _nf4_kernel[grid](
-        a, absmax, absmax2, code2, out, code,
-        n_bytes, n_out, n_blocks, offset,
+        a, absmax, absmax2, code2, offset, out, code,
+        n_bytes, n_out, n_blocks,
         BLOCKSIZE=bs, BLOCKSIZE2=bs2 if nested else 1, NESTED=nested, ROWS=rows,
         num_warps=4,
     )
@@ -186,7 +186,7 @@ def dequantize_nf4_op(
     absmax2: Optional[torch.Tensor],
     code2: Optional[torch.Tensor],
     blocksize2: int,
-    offset: float,
+    offset: Optional[torch.Tensor],
     shape: list[int],
     dtype: torch.dtype,
 ) -> torch.Tensor:
