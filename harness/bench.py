@@ -221,9 +221,12 @@ def profile(a):
             step()
         torch.cuda.synchronize()
     wall = time.perf_counter() - t
-    ev = [e for e in p.key_averages() if e.device_time_total > 0]
-    busy = sum(e.self_device_time_total for e in ev) / 1e6
-    print(f"wall {wall:.3f}s for 2 steps; GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
+    # kernel-level events only: operator rows (aten::mm ...) carry their kernels' time as well, so a sum
+    # over every row counts each kernel twice
+    from torch.autograd import DeviceType
+
+    busy = sum(e.self_device_time_total for e in p.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
+    print(f"wall {wall:.3f}s for 2 steps (profiled); GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
