@@ -34,53 +34,10 @@ import time
 
 import torch
 
-IMG, VS, VE = 151655, 151652, 151653
+from harness.bench_workload import ANCHOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
+from harness.bench_workload import load_workload, longest_fitting, qwen2_vl_2b_config  # noqa: F401
+
 SAVE_DIR = "/tmp/q2vl2b_bench"
-
-
-def qwen2_vl_2b_config():
-    from transformers import Qwen2VLConfig
-
-    return Qwen2VLConfig(
-        text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                         num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                         rope_theta=1e6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-                         tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="silu"),
-        vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=IMG, video_token_id=151656, vision_start_token_id=VS, vision_end_token_id=VE,
-        tie_word_embeddings=True)
-
-
-TARGETS = (r".*(language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-           r"|visual\.blocks.*\.(qkv|attn\.proj|fc1|fc2))$")
-
-
-def make_batch(a, device):
-    g = torch.Generator().manual_seed(0)
-    n_img = a.grid * a.grid // 4
-    text = torch.randint(0, 151000, (a.batch, a.tokens - n_img - 2), generator=g)
-    ids = torch.cat([torch.full((a.batch, 1), VS), torch.full((a.batch, n_img), IMG), torch.full((a.batch, 1), VE),
-                     text], 1)
-    labels = ids.clone()
-    labels[:, : n_img + 2] = -100
-    pix = torch.randn(a.batch * a.grid * a.grid, 3 * 2 * 14 * 14, generator=g)
-    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
-               pixel_values=pix.to(torch.bfloat16), image_grid_thw=torch.tensor([[1, a.grid, a.grid]] * a.batch),
-               mm_token_type_ids=(ids == IMG).long())
-    return {k: v.to(device) for k, v in out.items()}
-
-
-def flops_per_step(a):
-    """The anchors' definition: forward + input-gradient backward of every linear, 3x forward attention."""
-    v_lin = 32 * (4 * 1280 * 1280 + 2 * 1280 * 5120)
-    l_lin = 28 * (2 * 1536 * 1536 + 2 * 1536 * 256 + 3 * 1536 * 8960)
-    head = 1536 * 151936
-    tok = a.batch * a.tokens
-    patches = a.grid * a.grid
-    dense = 4 * (v_lin + l_lin + head) * tok
-    attn = 3 * (32 * 4 * patches * patches * 1280 * a.batch + 28 * 4 * a.tokens * a.tokens * 1536 * a.batch)
-    return dense + attn
 
 
 def matmul_rate():
@@ -96,36 +53,48 @@ def matmul_rate():
     return 10 * 2 * 8192**3 / (time.perf_counter() - t)
 
 
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def build(a):
+    wl = load_workload(a.model)
     if a.stack.startswith(("liger", "unsloth")):  # first: Unsloth must be imported before transformers/peft
+        if wl.name != "anchor":
+            raise ValueError(f"invalid config: bench.model={a.model} with stack {a.stack} (allowed: the peer "
+                             "stacks run the anchor workload only)")
         from harness.bench_peers import build_peer
 
         return build_peer(a, qwen2_vl_2b_config, TARGETS, save_dir=SAVE_DIR)
     from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2VLForConditionalGeneration
 
+    cls = wl.model_cls()
+    dev = a.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     four = a.stack.endswith("4")
     if four:
         from transformers import BitsAndBytesConfig
 
-        if not os.path.exists(os.path.join(SAVE_DIR, "config.json")):
-            with torch.device("cuda"):
-                m = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_config(), dtype=torch.bfloat16)
-            m.save_pretrained(SAVE_DIR)
+        save_dir = SAVE_DIR if wl.name == "anchor" else f"/tmp/bench_{wl.name}"
+        if not os.path.exists(os.path.join(save_dir, "config.json")):
+            with torch.device(dev):
+                m = cls._from_config(wl.config_fn(), dtype=dtype)
+            m.save_pretrained(save_dir)
             del m
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-        model = Qwen2VLForConditionalGeneration.from_pretrained(SAVE_DIR, quantization_config=q, dtype=torch.bfloat16,
-                                                                device_map={"": 0}, attn_implementation="sdpa")
+                               bnb_4bit_compute_dtype=dtype)
+        model = cls.from_pretrained(save_dir, quantization_config=q, dtype=dtype,
+                                    device_map={"": 0 if dev == "cuda" else "cpu"}, attn_implementation="sdpa")
         for p in model.parameters():
             p.requires_grad_(False)
     else:
-        with torch.device("cuda"):
-            model = Qwen2VLForConditionalGeneration._from_config(qwen2_vl_2b_config(), dtype=torch.bfloat16,
-                                                                 attn_implementation="sdpa")
+        with torch.device(dev):
+            model = cls._from_config(wl.config_fn(), dtype=dtype, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, bias="none",
-                                             target_modules=TARGETS))
+                                             target_modules=wl.targets))
     model.config.use_cache = False
     accelerated = {}
     if a.stack.startswith("harness"):
@@ -136,7 +105,7 @@ def build(a):
 
             cfg = {"enabled": True, "compile": not a.no_compile}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
-        ckpt = enable_checkpointing(model, a.gc, torch.device("cuda"))
+        ckpt = enable_checkpointing(model, a.gc, torch.device(dev))
     else:
         ckpt = "off"
         if a.gc != "false":  # the baseline has no offloading: standard checkpointing for true and unsloth
@@ -147,36 +116,86 @@ def build(a):
     return model, accelerated, ckpt
 
 
+def make_batch(a, device):
+    return load_workload(a.model).make_batch(a, device)
+
+
+def flops_per_step(a):
+    return load_workload(a.model).flops_fn(a)
+
+
+def _step(model, opt, data):
+    loss = model(**data).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run(a):
     torch.manual_seed(0)
+    cuda = a.device == "cuda"
     model, accelerated, ckpt = build(a)
-    mem_load = torch.cuda.memory_allocated()
+    mem_load = torch.cuda.memory_allocated() if cuda else 0
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-    data = make_batch(a, "cuda")
-    torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+    data = make_batch(a, a.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times, losses, first = [], [], None
     for i in range(a.warmup + a.steps):
-        torch.cuda.synchronize()
+        _sync(a.device)
         t = time.perf_counter()
-        loss = model(**data).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        loss = _step(model, opt, data)
+        _sync(a.device)
         losses.append(loss.item())
         if i == 0:
             first = time.perf_counter() - t  # includes compilation when layers are compiled
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    rate = matmul_rate()
-    return dict(stack=a.stack, gc=ckpt, batch=a.batch, tokens=a.tokens, r=a.r, gpu=torch.cuda.get_device_name(),
-                median_step_s=round(med, 4), first_step_s=round(first, 2), tokens_per_s=round(a.batch * a.tokens / med),
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), after_load_gib=round(mem_load / 2**30, 2),
-                trainable=sum(p.numel() for p in params), mfu=round(flops_per_step(a) / med / rate, 3),
-                matmul_tflops=round(rate / 1e12), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
-                accelerated=accelerated)
+    rate = matmul_rate() if cuda else None
+    row = dict(stack=a.stack, model=a.model, gc=ckpt, batch=a.batch, tokens=a.tokens, r=a.r,
+               gpu=torch.cuda.get_device_name() if cuda else "cpu",
+               median_step_s=round(med, 4), first_step_s=round(first, 2), tokens_per_s=round(a.batch * a.tokens / med),
+               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               after_load_gib=round(mem_load / 2**30, 2) if cuda else None,
+               trainable=sum(p.numel() for p in params),
+               mfu=round(flops_per_step(a) / med / rate, 3) if rate else None,
+               matmul_tflops=round(rate / 1e12) if rate else None, loss_first=round(losses[0], 3),
+               loss_last=round(losses[-1], 3), accelerated=accelerated)
+    return row
+
+
+def longest(a):
+    """The longest sequence (batch 1, one image for VLMs) that trains one step without running out of
+    GPU memory: doubling from --tokens, then bisection to 256 tokens, all in this process."""
+    import gc
+
+    model, accelerated, ckpt = build(a)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=a.device == "cuda")
+    tried = {}
+
+    def fits(n):
+        b = argparse.Namespace(**{**vars(a), "batch": 1, "tokens": n})
+        try:
+            _step(model, opt, make_batch(b, a.device))
+            _sync(a.device)
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+        tried[n] = ok
+        print(f"  {a.stack} {n} tokens: {'fits' if ok else 'out of memory'}", file=sys.stderr, flush=True)
+        return ok
+
+    best = longest_fitting(fits, a.tokens, a.max_tokens, 256)
+    return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens,
+                tried=dict(sorted(tried.items())), gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
 
 
 def profile(a):
@@ -231,16 +250,30 @@ def profile(a):
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
+def _label(r):
+    m = r.get("model", "anchor")
+    return r["stack"] if m == "anchor" else f"{r['stack']} [{m}]"
+
+
 def table(rows):
     head = "| stack | checkpointing | batch x tokens | tokens/s | median step | peak GiB | after load GiB | MFU | loss first -> last |"
     out = [head, "|" + "---|" * 9]
+    longest_rows = [r for r in rows if "longest_tokens" in r]
     for r in rows:
-        if "error" in r:
-            out.append(f"| {r['stack']} {r.get('args', '')} | error: {r['error'][:80]} |||||||| ")
+        if "longest_tokens" in r:
             continue
-        out.append(f"| {r['stack']} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
-                   f"{r['median_step_s']:.3f} s | {r['peak_gib']:.2f} | {r['after_load_gib']:.2f} | "
-                   f"{100 * r['mfu']:.1f}% | {r['loss_first']} -> {r['loss_last']} |")
+        if "error" in r:
+            out.append(f"| {_label(r)} {r.get('args', '')} | error: {r['error'][:80]} |||||||| ")
+            continue
+        mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        load = "-" if r.get("after_load_gib") is None else f"{r['after_load_gib']:.2f}"
+        out.append(f"| {_label(r)} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
+                   f"{r['median_step_s']:.3f} s | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
+    if longest_rows:
+        out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap |", "|---|---|---|---|"]
+        for r in longest_rows:
+            out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {r['cap']:,} |")
     return "\n".join(out)
 
 
@@ -279,8 +312,10 @@ def plot(rows, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if "error" not in r]
-    names = [f"{r['stack']} ({r['gc']})" for r in ok]
+    ok = [r for r in rows if "error" not in r and "tokens_per_s" in r and r.get("peak_gib") is not None]
+    if not ok:
+        return
+    names = [f"{_label(r)} ({r['gc']})" for r in ok]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     a1.barh(names, [r["tokens_per_s"] for r in ok])
     a1.set(xlabel="tokens/s", title="Throughput")
@@ -302,10 +337,13 @@ def bench_mode(bench, out_dir) -> list[dict]:
         raise ConfigError("invalid config: mode=bench needs a CUDA GPU (allowed here: train, plan, eval, infer, "
                           "replay, report)")
     common = ["--batch", str(bench.batch), "--tokens", str(bench.tokens), "--grid", str(bench.grid), "--r",
-              str(bench.r), "--steps", str(bench.steps), "--warmup", str(bench.warmup)]
+              str(bench.r), "--steps", str(bench.steps), "--warmup", str(bench.warmup), "--model", bench.model]
     if not bench.compile:
         common.append("--no-compile")
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
+    if bench.longest:  # then the longest sequence per stack at batch 1
+        plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
+                 for s in bench.stacks]
     out_dir = Path(out_dir)
     rows = run_stacks(plan, out_dir / "bench.jsonl")
     md = table(rows)
@@ -330,13 +368,17 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--model", default="anchor", help="anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tiny models)")
+    ap.add_argument("--longest", action="store_true", help="search the longest sequence that fits at batch 1")
+    ap.add_argument("--max-tokens", type=int, default=65536, help="--longest: upper end of the search")
     ap.add_argument("--only", default=None, help="comma-separated indices of PLAN to run with --all")
     a = ap.parse_args()
     if a.profile:
         return profile(a)
     if not a.all:
         try:
-            print(json.dumps(run(a)), flush=True)
+            print(json.dumps(longest(a) if a.longest else run(a)), flush=True)
         except Exception as e:
             import traceback
 

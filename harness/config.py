@@ -7,6 +7,7 @@ raises `ConfigError` naming the key, the bad value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -192,6 +193,9 @@ class BenchConfig:
     warmup: int = 3
     gc: str = "unsloth"
     compile: bool = True  # harness stacks: regional torch.compile (false: the eager Triton kernels)
+    model: str = "anchor"  # anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name (random weights)
+    longest: bool = False  # also search the longest sequence that fits at batch 1, per stack
+    max_tokens: int = 65536  # upper end of that search
 
 
 @dataclass
@@ -355,8 +359,10 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         for s in run.bench.stacks:
             _choice("bench.stacks[]", s, BENCH_STACKS)
         _choice("bench.gc", str(run.bench.gc).lower(), CHECKPOINTING)
-        for key in ("batch", "tokens", "grid", "r", "steps"):
+        for key in ("batch", "tokens", "grid", "r", "steps", "max_tokens"):
             _positive(f"bench.{key}", getattr(run.bench, key), integer=True)
+        models = ["anchor"] + sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml"))
+        _choice("bench.model", run.bench.model, tuple(models))
         if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:
             _fail("bench.tokens", run.bench.tokens, f"more than the {run.bench.grid ** 2 // 4 + 2} image tokens")
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)

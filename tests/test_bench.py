@@ -1,0 +1,60 @@
+"""mode=bench off the GPU: the workload definitions, the longest-sequence search and a CPU smoke run of
+the bench loop on tiny models (the GPU numbers themselves live in docs/benchmarks.md)."""
+import argparse
+import math
+
+import pytest
+
+from harness import bench
+from harness.bench_workload import ANCHOR, load_workload, longest_fitting
+from harness.config import ConfigError
+
+
+def test_longest_fitting_finds_the_boundary():
+    calls = []
+
+    def fits(n):
+        calls.append(n)
+        return n <= 5000
+
+    assert longest_fitting(fits, 1024, 65536, 256) == 4864  # the largest multiple of 256 <= 5000
+    assert calls[:4] == [1024, 2048, 4096, 8192] and len(calls) <= 9
+    assert longest_fitting(lambda n: n <= 100_000, 1024, 65536, 256) == 65536  # capped
+    assert longest_fitting(lambda n: False, 1024, 65536, 256) == 0
+
+
+def test_workloads_from_conf_model():
+    a = argparse.Namespace(batch=4, tokens=1024, grid=32)
+    q2 = load_workload("qwen2_vl_2b")
+    assert len(q2.targets) == 324 == len([t for t in q2.targets if t.endswith(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv", "attn.proj", "fc1", "fc2"))])
+    # the same model as the anchors' workload: FLOPs within 2% (the merger is counted here, not there)
+    assert math.isclose(q2.flops_fn(a), ANCHOR.flops_fn(a), rel_tol=0.02)
+    llama = load_workload("llama3_2_1b")
+    assert not llama.vision and len(llama.targets) == 16 * 7
+    with pytest.raises(ValueError, match=r"bench.model=nope \(allowed: anchor, .*qwen2_5_vl_7b"):
+        load_workload("nope")
+    with pytest.raises(ValueError, match="bench.model=tiny_mllama"):
+        load_workload("tiny_mllama")  # its image batch is not built by the bench yet: a clear error
+
+
+@pytest.mark.parametrize("model,stack", [("tiny_qwen2_vl", "harness16"), ("tiny_llama", "hf16")])
+def test_bench_loop_on_cpu(model, stack):
+    a = argparse.Namespace(stack=stack, model=model, device="cpu", batch=2, tokens=48, grid=4, r=4, gc="unsloth",
+                           no_kernels=False, no_compile=False, steps=2, warmup=1)
+    row = bench.run(a)
+    assert row["stack"] == stack and row["model"] == model and row["tokens_per_s"] > 0
+    assert row["trainable"] > 0 and math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+    md = bench.table([row, dict(stack="harness16", model=model, gc="standard", longest_tokens=4096, cap=8192)])
+    assert f"{stack} [{model}]" in md and "4,096" in md
+
+
+def test_peer_stacks_run_the_anchor_workload_only():
+    a = argparse.Namespace(stack="unsloth16", model="tiny_llama", device="cpu")
+    with pytest.raises(ValueError, match="peer stacks run the anchor workload only"):
+        bench.build(a)
+
+
+def test_bench_model_is_validated(compose):
+    with pytest.raises(ConfigError, match=r"bench.model='qwen9' \(allowed: one of anchor, gemma3_4b"):
+        compose(["mode=bench", "bench.model=qwen9"])
