@@ -103,7 +103,7 @@ def build(a):
         if not a.no_kernels:
             from harness.kernels import accelerate_model
 
-            cfg = {"enabled": True, "compile": not a.no_compile}
+            cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
         ckpt = enable_checkpointing(model, a.gc, torch.device(dev))
     else:
@@ -340,6 +340,7 @@ def bench_mode(bench, out_dir) -> list[dict]:
               str(bench.r), "--steps", str(bench.steps), "--warmup", str(bench.warmup), "--model", bench.model]
     if not bench.compile:
         common.append("--no-compile")
+    common += ["--compile-mode", bench.compile_mode]
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.longest:  # then the longest sequence per stack at batch 1
         plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
@@ -365,6 +366,8 @@ def main():
     ap.add_argument("--gc", default="unsloth", choices=["false", "true", "unsloth"])
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)

@@ -22,6 +22,7 @@ CHECKPOINTING = ("unsloth", "true", "false")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 KERNEL_SWITCH = ("auto", "true", "false")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 BENCH_STACKS = ("hf16", "liger16", "liger4", "unsloth16", "unsloth4", "harness16", "harness4")
 DATA_ON_BAD = ("skip", "error")
 TEXT_KINDS = ("word", "number", "formula")
@@ -170,6 +171,8 @@ class KernelsConfig:
     cross_entropy: bool = True
     # auto: on with the kernels (CUDA): every decoder layer / vision block through torch.compile
     compile: str = "auto"
+    # torch.compile mode for those layers: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -193,6 +196,7 @@ class BenchConfig:
     warmup: int = 3
     gc: str = "unsloth"
     compile: bool = True  # harness stacks: regional torch.compile (false: the eager Triton kernels)
+    compile_mode: str = "default"  # see kernels.compile_mode
     model: str = "anchor"  # anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name (random weights)
     longest: bool = False  # also search the longest sequence that fits at batch 1, per stack
     max_tokens: int = 65536  # upper end of that search
@@ -363,6 +367,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
             _positive(f"bench.{key}", getattr(run.bench, key), integer=True)
         models = ["anchor"] + sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml"))
         _choice("bench.model", run.bench.model, tuple(models))
+        _choice("bench.compile_mode", run.bench.compile_mode, COMPILE_MODES)
         if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:
             _fail("bench.tokens", run.bench.tokens, f"more than the {run.bench.grid ** 2 // 4 + 2} image tokens")
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)
@@ -371,6 +376,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _choice("kernels.enabled", run.kernels.enabled, KERNEL_SWITCH)
     run.kernels.compile = str(run.kernels.compile).lower()
     _choice("kernels.compile", run.kernels.compile, KERNEL_SWITCH)
+    _choice("kernels.compile_mode", run.kernels.compile_mode, COMPILE_MODES)
     if run.mode in ("eval", "infer", "report", "replay") and not run.path:
         _fail("path", run.path, f"a run directory (mode={run.mode} needs the run to evaluate)")
     if run.mode == "infer" and not run.images:

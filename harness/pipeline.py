@@ -78,7 +78,8 @@ def accelerate(run: RunConfig, model) -> dict:
     # TRL's SFTTrainer computes the loss with its own fused LM head (it never builds full logits),
     # so the cross-entropy kernel is for loops that call model(**batch).loss (benchmarks, scripts).
     cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
-               swiglu=k.swiglu, cross_entropy=False, compile=k.compile != "false")
+               swiglu=k.swiglu, cross_entropy=False, compile=k.compile != "false",
+               compile_mode=k.compile_mode)
     return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
 
 

@@ -182,6 +182,9 @@ def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None
     dyn.cache_size_limit = max(dyn.cache_size_limit, 64)
     if hasattr(dyn, "accumulated_cache_size_limit"):
         dyn.accumulated_cache_size_limit = max(dyn.accumulated_cache_size_limit, 512)
+    # a layer the compiler cannot handle (an unusual architecture, a new transformers) runs eager with the
+    # compiler's error in the log, instead of ending the run
+    dyn.suppress_errors = True
     names = []
     for name, m in model.named_modules():
         if isinstance(m, GradientCheckpointingLayer) and m._compiled_call_impl is None:

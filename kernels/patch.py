@@ -61,10 +61,10 @@ class KernelConfig:
     """Plain config object (a dict or any object with these attributes works too)."""
 
     def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
-                 compile=False, compile_backend="inductor"):
+                 compile=False, compile_backend="inductor", compile_mode="default"):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
-        self.compile, self.compile_backend = compile, compile_backend
+        self.compile, self.compile_backend, self.compile_mode = compile, compile_backend, compile_mode
 
 
 def _cfg_get(cfg, name, default):
@@ -401,5 +401,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
             _swap_forward(lm, _ce_forward)
             report["cross_entropy"].append(name)
     if want_compile:
-        report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend", "inductor"))
+        mode = _cfg_get(cfg, "compile_mode", "default")
+        report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend", "inductor"),
+                                                   mode=None if mode == "default" else mode)
     return dict(report)

@@ -41,7 +41,8 @@ def test_workloads_from_conf_model():
 @pytest.mark.parametrize("model,stack", [("tiny_qwen2_vl", "harness16"), ("tiny_llama", "hf16")])
 def test_bench_loop_on_cpu(model, stack):
     a = argparse.Namespace(stack=stack, model=model, device="cpu", batch=2, tokens=48, grid=4, r=4, gc="unsloth",
-                           no_kernels=False, no_compile=False, steps=2, warmup=1)
+                           no_kernels=False, no_compile=False, compile_mode="default", steps=2,
+                           warmup=1)
     row = bench.run(a)
     assert row["stack"] == stack and row["model"] == model and row["tokens_per_s"] > 0
     assert row["trainable"] > 0 and math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])

@@ -22,6 +22,8 @@ from harness.config import ConfigError
     ("mode=fly", "mode='fly'", "train, plan"),
     ("model.arch=gpt9", "model.arch='gpt9'", "qwen2_vl"),
     ("train.gradient_checkpointing=maybe", "train.gradient_checkpointing='maybe'", "unsloth, true, false"),
+    ("kernels.compile=sometimes", "kernels.compile='sometimes'", "auto, true, false"),
+    ("kernels.compile_mode=fast", "kernels.compile_mode='fast'", "default, reduce-overhead"),
 ])
 def test_bad_value_names_key_value_and_choices(compose, override, key, allowed):
     with pytest.raises(ConfigError) as e:
