@@ -48,12 +48,15 @@ def _batch(cfg, grid=8, tokens=256, b=2):
     out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels,
                pixel_values=torch.randn(b * grid * grid, 1176, generator=g).bfloat16(),
                image_grid_thw=torch.tensor([[1, grid, grid]] * b), mm_token_type_ids=(ids == cfg.image_token_id).long())
-    return {k: v.cuda() for k, v in out.items()}
+    out = {k: v.cuda() for k, v in out.items()}
+    out["use_cache"] = False  # training: no KV cache (compiled layers would otherwise see a per-layer cache)
+    return out
 
 
-@pytest.mark.parametrize("size", ["tiny", "2b"])
-def test_kernels_match_reference_whole_model(size):
-    """Loss and LoRA gradients with the kernels vs without, same weights, bf16."""
+@pytest.mark.parametrize("size,compiled", [("tiny", False), ("2b", False), ("tiny", True), ("2b", True)])
+def test_kernels_match_reference_whole_model(size, compiled):
+    """Loss and LoRA gradients with the kernels (eager Triton kernels, or compiled layers) vs without,
+    same weights, bf16."""
     from peft import LoraConfig, get_peft_model
 
     from harness.kernels import accelerate_model, revert_model
@@ -80,15 +83,15 @@ def test_kernels_match_reference_whole_model(size):
     for p in lora:
         p.data = p.data.float()
     noise = max(float((ref_bf16[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
-    report = accelerate_model(model, {"enabled": True})
+    report = accelerate_model(model, {"enabled": True, "compile": compiled})
     try:
-        assert report.get("lora_linear") and report.get("rms_norm")
+        assert report.get("lora_linear") and report.get("compiled_layers" if compiled else "rms_norm")
         loss, grads = loss_and_grads()
     finally:
         revert_model(model)
     assert abs(loss - ref_loss) / ref_loss < 1e-2, (float(loss), float(ref_loss))
     worst = max(float((grads[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-12)) for n in ref)
-    print(f"\n{size}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst LoRA grad rel err {worst:.2e} "
+    print(f"\n{size} {'compiled' if compiled else 'eager kernels'}: loss {float(loss):.5f} vs {float(ref_loss):.5f}; worst LoRA grad rel err {worst:.2e} "
           f"(bf16-adapter noise floor {noise:.2e})")
     assert worst <= max(2 * noise, 1e-2)
 
