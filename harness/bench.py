@@ -35,7 +35,7 @@ import time
 import torch
 
 from harness.bench_workload import ANCHOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
-from harness.bench_workload import load_workload, longest_fitting, qwen2_vl_2b_config  # noqa: F401
+from harness.bench_workload import baseline_checkpointing, load_workload, longest_fitting, qwen2_vl_2b_config  # noqa: F401
 
 SAVE_DIR = "/tmp/q2vl2b_bench"
 
@@ -107,11 +107,7 @@ def build(a):
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
         ckpt = enable_checkpointing(model, a.gc, torch.device(dev))
     else:
-        ckpt = "off"
-        if a.gc != "false":  # the baseline has no offloading: standard checkpointing for true and unsloth
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-            ckpt = "standard"
+        ckpt = baseline_checkpointing(model, a.gc)
     model.train()
     return model, accelerated, ckpt
 

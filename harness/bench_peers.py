@@ -89,11 +89,9 @@ def build_liger(a, config_fn, targets, save_dir, four, device):
                                              target_modules=targets))
     check_lora_targets(model, targets)
     model.config.use_cache = False
-    ckpt = "off"
-    if a.gc != "false":  # like hf16: no offloading in this stack, standard checkpointing for true and unsloth
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-        ckpt = "standard"
+    from harness.bench_workload import baseline_checkpointing
+
+    ckpt = baseline_checkpointing(model, a.gc)  # like hf16: no offloading in this stack
     model.train()
     return model, accelerated, ckpt
 

@@ -161,6 +161,15 @@ def load_workload(name: str) -> Workload:
     return Workload(name, config_fn, arch.model_class, targets, vision, flops)
 
 
+def baseline_checkpointing(model, gc: str) -> str:
+    """The peers' checkpointing (no offloading): standard non-reentrant for gc=true and gc=unsloth."""
+    if gc == "false":
+        return "off"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return "standard"
+
+
 def longest_fitting(fits: Callable[[int], bool], start: int, cap: int, granularity: int) -> int:
     """Largest n (a multiple of `granularity`, start <= n <= cap) with fits(n), assuming fits is monotone:
     doubling from `start`, then bisection. 0 if even `start` does not fit."""
