@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import types
 import warnings
 
 import torch
@@ -38,27 +37,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nf4_dequant import dequantize_nf4_op, quant_state_tensors
+from .patch import _lora_call_args, _original_forward, _swap_forward, swap_lora_forward
 
-__all__ = ["prepare_for_compile", "compile_layers", "lean_lora_forward", "can_compile"]
+__all__ = ["prepare_for_compile", "compile_layers", "uncompile_layers", "lean_lora_forward"]
 
 _SEG = "_harness_seg_len"  # attention-module attribute: patches per image, or None
-
-
-def can_compile(model: nn.Module) -> tuple[bool, str]:
-    """(ok, why not). Compilation needs torch >= 2.4 (custom ops, inlined nn modules)."""
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    if (major, minor) < (2, 4):
-        return False, f"torch {torch.__version__} < 2.4"
-    if not hasattr(nn.Module, "compile"):
-        return False, "nn.Module.compile missing"
-    return True, ""
 
 
 # --------------------------------------------------------------------------- LoRA
 def lean_lora_forward(self, x, *args, **kwargs):
     """``base(x) + s * B(A(x))`` as two addmm calls: traceable, no fp32 round trip."""
-    from .patch import _lora_call_args, _original_forward
-
     call = None if (args or kwargs) else _lora_call_args(self)
     if call is None:
         return _original_forward(self)(x, *args, **kwargs)
@@ -67,7 +55,7 @@ def lean_lora_forward(self, x, *args, **kwargs):
     if nf4 is not None:
         # plain tensors captured by prepare_for_compile: bitsandbytes' Params4bit subclass and the
         # QuantState's device scalar (.item()) stay out of the traced graph
-        packed, absmax, bs, absmax2, code2, bs2, offset, wshape, _ = self.__dict__["_harness_nf4_plain"]
+        packed, absmax, bs, absmax2, code2, bs2, offset, wshape = self.__dict__["_harness_nf4_plain"]
         w = dequantize_nf4_op(packed, absmax, bs, absmax2, code2, bs2, offset, wshape, dt)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
@@ -121,8 +109,6 @@ def _set_segments(tower, args, kwargs):
 
 
 def _batched_vision_attention(self, hidden_states, *args, **kwargs):
-    from .patch import _original_forward
-
     seg = self.__dict__.get(_SEG)
     n = hidden_states.shape[0]
     position_embeddings = kwargs.get("position_embeddings")
@@ -137,36 +123,36 @@ def _batched_vision_attention(self, hidden_states, *args, **kwargs):
     def heads(t):  # [n, H, d] -> [images, H, seg, d]
         return t.reshape(imgs, seg, self.num_heads, -1).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(heads(q), heads(k.to(q.dtype)), heads(v.to(q.dtype)))
+    out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
     return self.proj(out.transpose(1, 2).reshape(n, -1))
 
 
 # --------------------------------------------------------------------------- entry points
 def prepare_for_compile(model: nn.Module, want_lora: bool = True) -> dict:
     """Swap the compiler-friendly forwards in; return ``{what: [module names]}``."""
-    from .patch import _lora_static_info, _swap_forward
-
     report: dict[str, list[str]] = {}
     for name, m in model.named_modules():
-        if want_lora:
-            info = _lora_static_info(m)
-            if info is not None:
-                object.__setattr__(m, "_harness_kernels_lora", info)
-                if info[1]:
-                    w = m.get_base_layer().weight
-                    packed = w.data.as_subclass(torch.Tensor)
-                    absmax, bs, absmax2, code2, bs2, offset, wshape, qdtype = quant_state_tensors(w.quant_state)
-                    m.__dict__["_harness_nf4_plain"] = (packed, absmax, bs, absmax2, code2, bs2, offset,
-                                                        list(wshape), qdtype)
-                _swap_forward(m, lean_lora_forward)
-                report.setdefault("lora_linear_nf4" if info[1] else "lora_linear", []).append(name)
-                continue
+        kind = swap_lora_forward(m, lean_lora_forward) if want_lora else None
+        if kind is not None:
+            if kind == "lora_linear_nf4":
+                _capture_nf4(m)
+            report.setdefault(kind, []).append(name)
+            continue
         if _per_image_tower(m) and "_harness_seg_hook" not in m.__dict__:
             m.__dict__["_harness_seg_hook"] = m.register_forward_pre_hook(_set_segments, with_kwargs=True)
             for i, blk in enumerate(m.blocks):
                 _swap_forward(blk.attn, _batched_vision_attention)
                 report.setdefault("vision_attention_batched", []).append(f"{name}.blocks.{i}.attn")
     return report
+
+
+def _capture_nf4(m: nn.Module) -> None:
+    """The nf4 base weight as plain tensors (packed bytes, absmax levels, offset) plus its block sizes
+    and shape, read by :func:`lean_lora_forward` inside the compiled graph."""
+    w = m.get_base_layer().weight
+    absmax, bs, absmax2, code2, bs2, offset, wshape, _ = quant_state_tensors(w.quant_state)
+    m.__dict__["_harness_nf4_plain"] = (w.data.as_subclass(torch.Tensor), absmax, bs, absmax2, code2, bs2,
+                                        offset, list(wshape))
 
 
 def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> list[str]:

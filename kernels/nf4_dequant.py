@@ -8,8 +8,9 @@ row-major; element ``i`` lives in byte ``i // 2`` (high nibble for even ``i``, l
 (256) entries, plus a scalar ``offset``: ``absmax[j] = code2[q[j]] * absmax2[j // 256] + offset``.
 
 The kernel decodes both levels in one pass on a 2D tile (absmax blocks x bytes), so each
-scale is decoded once per block rather than once per element. The reference is bitsandbytes' own ``dequantize_4bit``; a pure-PyTorch reference
-(:func:`dequantize_nf4_torch`) is provided for machines without bitsandbytes.
+scale is decoded once per block rather than once per element. The reference is bitsandbytes' own
+``dequantize_4bit``; a pure-PyTorch reference (:func:`dequantize_nf4_torch`) is provided for
+machines without bitsandbytes.
 """
 
 from __future__ import annotations
@@ -199,9 +200,3 @@ def dequantize_nf4_op(
 @dequantize_nf4_op.register_fake
 def _(packed, absmax, blocksize, absmax2, code2, blocksize2, offset, shape, dtype):
     return packed.new_empty(tuple(shape), dtype=dtype)
-
-
-def dequantize_nf4_compilable(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """:func:`dequantize_nf4` through the registered op (traceable by torch.compile)."""
-    absmax, bs, absmax2, code2, bs2, offset, shape, qdtype = quant_state_tensors(quant_state)
-    return dequantize_nf4_op(packed, absmax, bs, absmax2, code2, bs2, offset, list(shape), dtype or qdtype)

@@ -171,6 +171,17 @@ def _lora_static_info(m: nn.Module):
     return None
 
 
+def swap_lora_forward(m: nn.Module, forward) -> str | None:
+    """Swap ``forward`` into ``m`` if it is an eligible PEFT LoRA layer; return its report key
+    ('lora_linear' / 'lora_linear_nf4') or None."""
+    info = _lora_static_info(m)
+    if info is None:
+        return None
+    object.__setattr__(m, "_harness_kernels_lora", info)
+    _swap_forward(m, forward)
+    return "lora_linear_nf4" if info[1] else "lora_linear"
+
+
 def _lora_call_args(m: nn.Module):
     """Arguments for lora_linear, or None when the fused path does not apply right now."""
     info = m.__dict__.get("_harness_kernels_lora")
@@ -336,13 +347,8 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     if isinstance(want_compile, str):
         want_compile = want_compile.lower() in ("true", "auto", "on", "yes", "1")
     if want_compile:
-        from .compiled import can_compile, compile_layers, prepare_for_compile
+        from .compiled import compile_layers, prepare_for_compile
 
-        ok, why = can_compile(model)
-        if not ok:
-            warnings.warn(f"accelerate_model: not compiling ({why}); using the eager kernels")
-            want_compile = False
-    if want_compile:
         # inside compiled layers the compiler fuses norms / rope / activations with their neighbours;
         # the hand-written kernels are for eager mode
         report.update(prepare_for_compile(model, want_lora))
@@ -350,11 +356,9 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
 
     for name, m in model.named_modules():
         if want_lora:
-            info = _lora_static_info(m)
-            if info is not None:
-                object.__setattr__(m, "_harness_kernels_lora", info)
-                _swap_forward(m, _fused_lora_forward)
-                report["lora_linear_nf4" if info[1] else "lora_linear"].append(name)
+            kind = swap_lora_forward(m, _fused_lora_forward)
+            if kind is not None:
+                report[kind].append(name)
                 continue
         if want_rms:
             kind = _rms_kind(m)
