@@ -35,9 +35,9 @@ import time
 import torch
 
 from harness.bench_workload import ANCHOR_TARGETS as TARGETS  # noqa: F401  (re-exported)
-from harness.bench_workload import baseline_checkpointing, load_workload, longest_fitting, qwen2_vl_2b_config  # noqa: F401
-
-SAVE_DIR = "/tmp/q2vl2b_bench"
+from harness.bench_peers import SAVE_DIR
+from harness.bench_workload import (baseline_checkpointing, load_nf4, load_workload, longest_fitting,  # noqa: F401
+                                    qwen2_vl_2b_config, save_random_model)
 
 
 def matmul_rate():
@@ -74,22 +74,10 @@ def build(a):
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     four = a.stack.endswith("4")
     if four:
-        from transformers import BitsAndBytesConfig
-
         save_dir = SAVE_DIR if wl.name == "anchor" else f"/tmp/bench_{wl.name}"
         if not os.path.exists(os.path.join(save_dir, "config.json")):
-            with torch.device(dev):
-                m = cls._from_config(wl.config_fn(), dtype=dtype)
-            m.save_pretrained(save_dir)
-            del m
-            if dev == "cuda":
-                torch.cuda.empty_cache()
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-        model = cls.from_pretrained(save_dir, quantization_config=q, dtype=dtype,
-                                    device_map={"": 0 if dev == "cuda" else "cpu"}, attn_implementation="sdpa")
-        for p in model.parameters():
-            p.requires_grad_(False)
+            save_random_model(cls, wl.config_fn(), save_dir, dev, dtype)
+        model = load_nf4(cls, save_dir, dev, dtype)
     else:
         with torch.device(dev):
             model = cls._from_config(wl.config_fn(), dtype=dtype, attn_implementation="sdpa")
@@ -203,9 +191,7 @@ def profile(a):
     data = make_batch(a, "cuda")
 
     def step():
-        model(**data).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(model, opt, data)
 
     for _ in range(3):
         step()

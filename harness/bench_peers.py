@@ -36,7 +36,7 @@ import re
 import subprocess
 import sys
 
-SAVE_DIR = "/tmp/q2vl2b_bench"  # harness.bench.SAVE_DIR: the random model that the 4-bit stacks load
+SAVE_DIR = "/tmp/q2vl2b_bench"  # the saved random anchor model that the 4-bit and Unsloth stacks load (harness.bench too)
 PEER_STACKS = ("liger16", "liger4", "unsloth16", "unsloth4")
 
 # Qwen2-VL's chat and vision tokens at the ids its released tokenizer gives them: the 2B config's
@@ -75,8 +75,12 @@ def build_liger(a, config_fn, targets, save_dir, four, device):
 
     apply_liger_kernel_to_qwen2_vl()  # patches the transformers classes: must run before the model is built
     if four:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        from harness.bench_workload import load_nf4
+
         ensure_saved(config_fn, save_dir, processor=False, device=device)
-        model = load_nf4(save_dir, device)
+        model = load_nf4(Qwen2VLForConditionalGeneration, save_dir, device)
         check_quantized(model, four)
     else:
         from transformers import Qwen2VLForConditionalGeneration
@@ -94,20 +98,6 @@ def build_liger(a, config_fn, targets, save_dir, four, device):
     ckpt = baseline_checkpointing(model, a.gc)  # like hf16: no offloading in this stack
     model.train()
     return model, accelerated, ckpt
-
-
-def load_nf4(save_dir, device):
-    """The saved random model on an nf4 (double quant) base with bf16 compute, every parameter frozen (as harness4)."""
-    import torch
-    from transformers import BitsAndBytesConfig, Qwen2VLForConditionalGeneration
-
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.bfloat16)
-    model = Qwen2VLForConditionalGeneration.from_pretrained(save_dir, quantization_config=q, dtype=torch.bfloat16,
-                                                            device_map=device_map(device), attn_implementation="sdpa")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def liger_modules(model) -> dict:
@@ -201,36 +191,11 @@ def ensure_saved(config_fn, save_dir: str, processor: bool, device: str = "cuda"
     have_processor = os.path.exists(os.path.join(save_dir, "tokenizer_config.json"))
     if have_model and (have_processor or not processor):
         return
-    module = config_fn.__module__
-    if module == "__main__":  # `python -m harness.bench`: the function's importable home is its spec name
-        module = getattr(sys.modules["__main__"].__spec__, "name", None) or "harness.bench"
-    spec = f"{module}:{config_fn.__qualname__}"
+    spec = f"{config_fn.__module__}:{config_fn.__qualname__}"
     cmd = [sys.executable, "-m", "harness.bench_peers", "--save", save_dir, "--config", spec, "--device", device]
     if not processor:
         cmd.append("--no-processor")
     subprocess.run(cmd, check=True)
-
-
-def save_random_model(config, save_dir: str, device: str = "cuda") -> None:
-    """Qwen2-VL with random bf16 weights (seed 0) saved as a checkpoint; written beside, then moved into place."""
-    import torch
-    from transformers import Qwen2VLForConditionalGeneration
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    tmp = save_dir.rstrip("/") + ".partial"
-    model.save_pretrained(tmp)
-    if os.path.exists(save_dir):  # e.g. a processor written there first
-        move_files(tmp, save_dir)
-    else:
-        os.replace(tmp, save_dir)
-
-
-def move_files(src: str, dst: str) -> None:
-    for name in os.listdir(src):
-        os.replace(os.path.join(src, name), os.path.join(dst, name))
-    os.rmdir(src)
 
 
 def stand_in_tokenizer(config):
@@ -299,13 +264,18 @@ def load_config_fn(spec: str):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Write the random model and stand-in processor the peer stacks load.")
     ap.add_argument("--save", default=SAVE_DIR, help="directory (harness.bench's SAVE_DIR by default)")
-    ap.add_argument("--config", default="harness.bench:qwen2_vl_2b_config", help="MODULE:FUNCTION returning the config")
+    ap.add_argument("--config", default="harness.bench_workload:qwen2_vl_2b_config",
+                    help="MODULE:FUNCTION returning the config")
     ap.add_argument("--no-processor", action="store_true")
     ap.add_argument("--device", default="cuda")
     a = ap.parse_args(argv)
     config = load_config_fn(a.config)()
     if not os.path.exists(os.path.join(a.save, "config.json")):
-        save_random_model(config, a.save, a.device)
+        from transformers import Qwen2VLForConditionalGeneration
+
+        from harness.bench_workload import save_random_model
+
+        save_random_model(Qwen2VLForConditionalGeneration, config, a.save, a.device)
     if not a.no_processor and not os.path.exists(os.path.join(a.save, "tokenizer_config.json")):
         save_stand_in_processor(config, a.save)
     print(f"saved: {a.save}", flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -159,6 +160,37 @@ def load_workload(name: str) -> Workload:
         return f
 
     return Workload(name, config_fn, arch.model_class, targets, vision, flops)
+
+
+def save_random_model(cls, config, save_dir: str, device: str = "cuda", dtype=torch.bfloat16) -> None:
+    """``cls`` with random weights (seed 0) saved as a checkpoint: written beside, then moved into place."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = cls._from_config(config, dtype=dtype)
+    tmp = save_dir.rstrip("/") + ".partial"
+    model.save_pretrained(tmp)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    if os.path.exists(save_dir):  # e.g. a processor written there first
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(save_dir, name))
+        os.rmdir(tmp)
+    else:
+        os.replace(tmp, save_dir)
+
+
+def load_nf4(cls, save_dir: str, device: str = "cuda", dtype=torch.bfloat16):
+    """The saved model on an nf4 (double quant) base computing in ``dtype``, every parameter frozen."""
+    from transformers import BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=dtype)
+    model = cls.from_pretrained(save_dir, quantization_config=q, dtype=dtype,
+                                device_map={"": 0 if device == "cuda" else device}, attn_implementation="sdpa")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
 
 
 def baseline_checkpointing(model, gc: str) -> str:

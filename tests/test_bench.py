@@ -38,7 +38,8 @@ def test_workloads_from_conf_model():
         load_workload("tiny_mllama")  # its image batch is not built by the bench yet: a clear error
 
 
-@pytest.mark.parametrize("model,stack", [("tiny_qwen2_vl", "harness16"), ("tiny_llama", "hf16")])
+@pytest.mark.parametrize("model,stack", [("tiny_qwen2_vl", "harness16"), ("tiny_llama", "hf16"),
+                                         ("tiny_llama", "harness4")])  # harness4: saved random model, nf4 load
 def test_bench_loop_on_cpu(model, stack):
     a = argparse.Namespace(stack=stack, model=model, device="cpu", batch=2, tokens=48, grid=4, r=4, gc="unsloth",
                            no_kernels=False, no_compile=False, compile_mode="default", steps=2,
