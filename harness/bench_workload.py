@@ -13,12 +13,10 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-CONF_MODEL = Path(__file__).resolve().parent.parent / "conf" / "model"
 QWEN_VISION_ARCHS = ("qwen2_vl", "qwen2_5_vl")  # packed patches + image_grid_thw: the batch below
 
 
@@ -108,13 +106,14 @@ def load_workload(name: str) -> Workload:
     from omegaconf import OmegaConf
 
     from harness import modeling
-    from harness.config import LoraConfig, ModelConfig
+    from harness.config import CONF_DIR, LoraConfig, ModelConfig
     from harness.registry import get_architecture
     from harness.targets import resolve_targets
 
-    path = CONF_MODEL / f"{name}.yaml"
+    conf_model = CONF_DIR / "model"
+    path = conf_model / f"{name}.yaml"
     if not path.exists():
-        names = sorted(p.stem for p in CONF_MODEL.glob("*.yaml"))
+        names = sorted(p.stem for p in conf_model.glob("*.yaml"))
         raise ValueError(f"invalid config: bench.model={name} (allowed: anchor, {', '.join(names)})")
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     known = set(ModelConfig.__dataclass_fields__)

@@ -11,9 +11,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, register_configs, validate
+from harness.config import CONF_DIR, ConfigError, register_configs, validate
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("harness")
 
 register_configs()
@@ -97,7 +96,7 @@ def _release_memory() -> None:
         pass
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig):
     try:
         return dispatch(cfg)

@@ -13,6 +13,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree
 MODES = ("train", "plan", "eval", "infer", "report", "replay", "bench")
 QUANT_MODES = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -365,7 +366,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         _choice("bench.gc", str(run.bench.gc).lower(), CHECKPOINTING)
         for key in ("batch", "tokens", "grid", "r", "steps", "max_tokens"):
             _positive(f"bench.{key}", getattr(run.bench, key), integer=True)
-        models = ["anchor"] + sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml"))
+        models = ["anchor"] + sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         _choice("bench.model", run.bench.model, tuple(models))
         _choice("bench.compile_mode", run.bench.compile_mode, COMPILE_MODES)
         if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:
@@ -387,8 +388,6 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
 def load_saved_run(path, *required: str):
     """The composed config saved in a finished run directory (.hydra/config.yaml), checking that the
     files named in `required` (relative to the run dir) exist. Returns (DictConfig, run dir Path)."""
-    from pathlib import Path
-
     path = Path(path)
     missing = [r for r in (".hydra/config.yaml", *required) if not (path / r).exists()]
     if missing:

@@ -8,7 +8,7 @@ import torch
 
 from harness.collator import ChatCollator
 from harness.data import build_datasets
-from harness.export import merged_model, save_merged
+from harness.export import save_merged
 from harness.pipeline import build
 from harness.train import train
 

@@ -41,7 +41,7 @@ def _formula(rng: random.Random) -> str:
         lambda: f"{d()}{v}={d()}", lambda: f"{v}^{d()}+{d()}", lambda: f"{v}^{d()}+{d()}={d()}",
         lambda: f"{v}_{d()}+{w}_{d()}", lambda: f"({v}+{w})^{d()}", lambda: f"\\frac{{{v}}}{{{w}}}",
         lambda: f"\\sqrt{{{v}}}", lambda: f"\\sqrt{{{d()}{v}}}", lambda: f"\\frac{{{d()}}}{{{v}+{d()}}}",
-        lambda: f"\\pi r^2", lambda: f"e^{{i\\pi}}+1=0", lambda: f"\\sum_{{i=1}}^{{{v}}} i",
+        lambda: "\\pi r^2", lambda: "e^{i\\pi}+1=0", lambda: f"\\sum_{{i=1}}^{{{v}}} i",
         lambda: f"\\int_0^{d()} {v} d{v}", lambda: f"{v}^2+{d()}={d()}{d()}",
     ]
     return rng.choice(templates)()
