@@ -93,7 +93,8 @@ def build(a):
 
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
-        ckpt = enable_checkpointing(model, a.gc, torch.device(dev))
+        graphs = not a.no_kernels and not a.no_graphs and a.compile_mode != "reduce-overhead"
+        ckpt = enable_checkpointing(model, a.gc, torch.device(dev), graphs=graphs)
     else:
         ckpt = baseline_checkpointing(model, a.gc)
     model.train()
@@ -143,11 +144,15 @@ def run(a):
                gpu=torch.cuda.get_device_name() if cuda else "cpu",
                median_step_s=round(med, 4), first_step_s=round(first, 2), tokens_per_s=round(a.batch * a.tokens / med),
                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                after_load_gib=round(mem_load / 2**30, 2) if cuda else None,
                trainable=sum(p.numel() for p in params),
                mfu=round(flops_per_step(a) / med / rate, 3) if rate else None,
                matmul_tflops=round(rate / 1e12) if rate else None, loss_first=round(losses[0], 3),
                loss_last=round(losses[-1], 3), accelerated=accelerated)
+    offloader = model.__dict__.get("_harness_offloader")
+    if offloader is not None and offloader.graphs is not None:
+        row["cuda_graphs"] = offloader.graphs.summary()
     return row
 
 
@@ -323,6 +328,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
     if not bench.compile:
         common.append("--no-compile")
     common += ["--compile-mode", bench.compile_mode]
+    if not bench.cuda_graphs:
+        common.append("--no-graphs")
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.longest:  # then the longest sequence per stack at batch 1
         plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
@@ -348,6 +355,7 @@ def main():
     ap.add_argument("--gc", default="unsloth", choices=["false", "true", "unsloth"])
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
+    ap.add_argument("--no-graphs", action="store_true", help="no per-layer CUDA graphs (harness stacks)")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
     ap.add_argument("--steps", type=int, default=10)

@@ -18,6 +18,8 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from harness.layer_graphs import MISS, autocast_no_cache, autocast_state
+
 
 class _Saved:
     """One layer input living in (pinned) host memory, and its copy back to the device."""
@@ -31,11 +33,12 @@ class _Saved:
 
 
 class ActivationOffloader:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, graphs=None):
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.last: _Saved | None = None
+        self.graphs = graphs  # harness.layer_graphs.LayerGraphs: replay layers as CUDA graphs
 
     def offload(self, t: torch.Tensor) -> _Saved:
         s = _Saved(self.last)
@@ -81,14 +84,19 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, fn, offloader, hidden, *rest):
         ctx.fn, ctx.offloader = fn, offloader
         ctx.dev = hidden.device.type
-        ctx.autocast = (torch.is_autocast_enabled(ctx.dev), torch.get_autocast_dtype(ctx.dev))
+        ctx.autocast = autocast_state(ctx.dev)
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.tensor_idx = [i for i, r in enumerate(rest) if torch.is_tensor(r)]
         ctx.others = [None if torch.is_tensor(r) else r for r in rest]
         ctx.save_for_backward(*[rest[i] for i in ctx.tensor_idx])
-        with torch.no_grad():
-            out = fn(hidden, *rest)
+        out = MISS
+        call = _recompute_fn(fn)
+        with torch.no_grad(), autocast_no_cache(ctx.dev, ctx.autocast):
+            if offloader.graphs is not None and call is not None:
+                out = offloader.graphs.forward(fn, call, hidden, rest)
+            if out is MISS:
+                out = fn(hidden, *rest) if call is None else call(*fn.args, hidden, *rest, **fn.keywords)
         ctx.saved = offloader.offload(hidden)
         ctx.tuple_out = isinstance(out, tuple)
         return out
@@ -99,14 +107,22 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         rest = list(ctx.others)
         for i, t in zip(ctx.tensor_idx, ctx.saved_tensors):
             rest[i] = t.detach().requires_grad_(t.requires_grad)
+        recompute = _recompute_fn(ctx.fn)
+        if ctx.offloader.graphs is not None and recompute is not None:
+            g = ctx.offloader.graphs.backward(ctx.fn, recompute, hidden, rest, grads, ctx.autocast)
+            if g is not MISS:
+                return (None, None, g, *[None] * len(rest))
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []))
             torch.set_rng_state(ctx.rng_cpu)
             if ctx.rng_cuda is not None:
                 torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(torch.autocast(ctx.dev, dtype=ctx.autocast[1], enabled=ctx.autocast[0]))
-            out = ctx.fn(hidden, *rest)
+            stack.enter_context(autocast_no_cache(ctx.dev, ctx.autocast))
+            if recompute is None:
+                out = ctx.fn(hidden, *rest)
+            else:
+                out = recompute(*ctx.fn.args, hidden, *rest, **ctx.fn.keywords)
         outs = out if ctx.tuple_out else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:
@@ -115,8 +131,25 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, hidden.grad if hidden.requires_grad else None, *rest_grads)
 
 
+def _recompute_fn(fn):
+    """The function that runs a layer here, forward and recompute: ``f(layer, hidden, *rest, **kwargs)``.
+
+    When the layer is compiled (kernels.compiled), its compiled forward, called explicitly: the
+    checkpoint function is kept out of the compiler, and backward runs on the autograd engine's
+    thread, where no compiler frame hook is installed: ``fn`` itself would run eagerly."""
+    layer = fn.args[0] if isinstance(fn, functools.partial) and len(fn.args) == 1 else None
+    compiled = getattr(layer, "__dict__", {}).get("_harness_compiled_forward")
+    if compiled is not None and getattr(layer, "_compiled_call_impl", None) is not None:
+        return compiled
+    return fn.func if layer is not None else None
+
+
+@torch.compiler.disable
 def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
-    """The checkpoint function transformers' GradientCheckpointingLayer calls: fn(hidden, *rest)."""
+    """The checkpoint function transformers' GradientCheckpointingLayer calls: fn(hidden, *rest).
+
+    Kept out of the compiler (a compiled layer's frame calls it): the bookkeeping here is host work
+    by design, and the layer itself runs through its own compiled forward (``_recompute_fn``)."""
     if not torch.is_grad_enabled():
         return fn(*args)
     if not args or not torch.is_tensor(args[0]):  # no positional hidden state to offload
@@ -124,8 +157,11 @@ def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     return _OffloadedCheckpoint.apply(fn, offloader, *args)
 
 
-def enable_checkpointing(model, mode: str, device: torch.device, force: bool = False) -> str:
-    """Set up checkpointing on every GradientCheckpointingLayer; return what was actually enabled."""
+def enable_checkpointing(model, mode: str, device: torch.device, force: bool = False, graphs: bool = False) -> str:
+    """Set up checkpointing on every GradientCheckpointingLayer; return what was actually enabled.
+
+    ``graphs``: with offloading on CUDA, replay each layer's forward and its recompute + backward as
+    CUDA graphs (harness.layer_graphs)."""
     if mode == "false":
         return "off"
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,13 +175,18 @@ def enable_checkpointing(model, mode: str, device: torch.device, force: bool = F
         return "standard"
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    fn = functools.partial(offloaded_checkpoint, ActivationOffloader(device))
+    from harness.layer_graphs import LayerGraphs, graphs_supported
+
+    layer_graphs = LayerGraphs(device) if graphs and (graphs_supported(device) or force) else None
+    offloader = ActivationOffloader(device, layer_graphs)
+    model.__dict__["_harness_offloader"] = offloader
+    fn = functools.partial(offloaded_checkpoint, offloader)
     n = 0
     for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
             m._gradient_checkpointing_func = fn
             n += isinstance(m, GradientCheckpointingLayer)
-    return f"offloaded ({n} layers)"
+    return f"offloaded ({n} layers{', CUDA graphs' if layer_graphs is not None else ''})"
 
 
 __all__ = ["enable_checkpointing", "ActivationOffloader", "offloaded_checkpoint", "checkpoint"]

@@ -174,6 +174,9 @@ class KernelsConfig:
     compile: str = "auto"
     # torch.compile mode for those layers: default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     compile_mode: str = "default"
+    # auto: with offloaded checkpointing on CUDA, replay every layer's forward and recompute+backward as
+    # CUDA graphs (harness/layer_graphs.py); not with compile_mode=reduce-overhead (its own graphs)
+    cuda_graphs: str = "auto"
 
 
 @dataclass
@@ -198,6 +201,7 @@ class BenchConfig:
     gc: str = "unsloth"
     compile: bool = True  # harness stacks: regional torch.compile (false: the eager Triton kernels)
     compile_mode: str = "default"  # see kernels.compile_mode
+    cuda_graphs: bool = True  # harness stacks: see kernels.cuda_graphs
     model: str = "anchor"  # anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name (random weights)
     longest: bool = False  # also search the longest sequence that fits at batch 1, per stack
     max_tokens: int = 65536  # upper end of that search
@@ -378,6 +382,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     run.kernels.compile = str(run.kernels.compile).lower()
     _choice("kernels.compile", run.kernels.compile, KERNEL_SWITCH)
     _choice("kernels.compile_mode", run.kernels.compile_mode, COMPILE_MODES)
+    run.kernels.cuda_graphs = str(run.kernels.cuda_graphs).lower()
+    _choice("kernels.cuda_graphs", run.kernels.cuda_graphs, KERNEL_SWITCH)
     if run.mode in ("eval", "infer", "report", "replay") and not run.path:
         _fail("path", run.path, f"a run directory (mode={run.mode} needs the run to evaluate)")
     if run.mode == "infer" and not run.images:

@@ -99,7 +99,9 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
 
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
-    checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device)
+    k = run.kernels
+    graphs = k.enabled != "false" and k.cuda_graphs != "false" and k.compile_mode != "reduce-overhead"
+    checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device, graphs=graphs)
     log.info("gradient checkpointing: %s", checkpointing)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     trainer = SFTTrainer(model=model, args=args, train_dataset=index_dataset(len(train_samples)),

@@ -172,9 +172,15 @@ def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None
     # compiler's error in the log, instead of ending the run
     dyn.suppress_errors = True
     names = []
+    recompute: dict = {}  # one compiled forward per layer class, for checkpointing's recompute
     for name, m in model.named_modules():
         if isinstance(m, GradientCheckpointingLayer) and m._compiled_call_impl is None:
             m.compile(backend=backend, mode=mode)
+            fwd = getattr(type(m).forward, "__wrapped__", None)  # the forward under transformers' checkpoint wrapper
+            if fwd is not None:
+                if fwd not in recompute:
+                    recompute[fwd] = torch.compile(fwd, backend=backend, mode=mode)
+                m.__dict__["_harness_compiled_forward"] = recompute[fwd]
             names.append(name)
     return names
 
@@ -184,6 +190,7 @@ def uncompile_layers(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "_compiled_call_impl", None) is not None:
             m._compiled_call_impl = None
+        m.__dict__.pop("_harness_compiled_forward", None)
 
 
 def remove_segment_hooks(model: nn.Module) -> None:

@@ -42,7 +42,7 @@ def test_workloads_from_conf_model():
                                          ("tiny_llama", "harness4")])  # harness4: saved random model, nf4 load
 def test_bench_loop_on_cpu(model, stack):
     a = argparse.Namespace(stack=stack, model=model, device="cpu", batch=2, tokens=48, grid=4, r=4, gc="unsloth",
-                           no_kernels=False, no_compile=False, compile_mode="default", steps=2,
+                           no_kernels=False, no_compile=False, no_graphs=False, compile_mode="default", steps=2,
                            warmup=1)
     row = bench.run(a)
     assert row["stack"] == stack and row["model"] == model and row["tokens_per_s"] > 0

@@ -1,0 +1,389 @@
+"""CUDA-graph replay of the offloaded-checkpointed layers.
+
+Why: with compiled layers the GPU still waits on the host about half of a training step
+(docs/benchmarks.md: ~0.2 s of kernels in a ~0.37 s step). Every layer call pays for Dynamo's
+guards, the AOTAutograd and Inductor wrappers, one launch per kernel, and in backward the
+eager autograd engine around the recompute. A CUDA graph replays a whole layer with one launch.
+
+What is graphed: for each checkpointed layer (decoder layer or vision block) and each input
+signature (shapes, strides, dtypes, the non-tensor arguments, autocast state), two graphs:
+
+* ``F``: the no-grad forward that offloaded checkpointing runs in the forward pass;
+* ``B``: the backward pass's recompute *and* its backward, one graph: from the layer input and
+  the gradient of its output to the gradient of its input and of its trainable (LoRA) weights.
+
+The layer's input, its other tensor arguments, the output gradient and the results live in
+static buffers outside the graphs' memory pool, shared by the layers of a stack (their shapes
+are the same): a replay is "copy in, replay, copy out". Everything a graph allocates inside is
+dead when it ends, so one private pool serves all graphs whatever order they run in, and the
+pool's size is about one layer's activations: the memory checkpointing already needs.
+
+A layer signature runs normally (compiled, not graphed) ``warmup`` times first, so the compiler
+has compiled and tuned before capture. Any failure to capture (a host sync inside the layer,
+an argument that is not a tensor or a plain value, a tensor subclass) makes that layer and
+signature run normally from then on, with one log line. Gradients of trainable weights are
+accumulated into ``.grad`` like autograd does; module hooks on gradient accumulation do not run,
+which is why graphs are off under torch.distributed (DDP reduces gradients in those hooks).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MISS = object()  # "not graphed: run the layer normally"
+_SEG = "_harness_seg_len"  # kernels.compiled: patches per image, read by the vision attention forward
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class _Ungraphable(Exception):
+    pass
+
+
+def flatten(x, leaves: list) -> tuple:
+    """A hashable description of ``x`` (tuples, lists, dicts, plain tensors, plain values) with its
+    tensors appended to ``leaves``; raises _Ungraphable for anything else."""
+    if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
+        leaves.append(x)
+        return ("T", tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad)
+    if type(x) in (tuple, list):
+        return (type(x) is list, tuple(flatten(v, leaves) for v in x))
+    if type(x) is dict:
+        return ("d", tuple((k, flatten(v, leaves)) for k, v in x.items()))
+    if isinstance(x, _PLAIN) and not torch.is_tensor(x):
+        return ("v", x)
+    raise _Ungraphable(type(x).__name__)
+
+
+def unflatten(desc, leaves):
+    """Rebuild the structure ``desc`` describes, taking its tensors in order from the iterator ``leaves``."""
+    tag = desc[0]
+    if tag == "T":
+        return next(leaves)
+    if tag == "v":
+        return desc[1]
+    if tag == "d":
+        return {k: unflatten(v, leaves) for k, v in desc[1]}
+    items = [unflatten(v, leaves) for v in desc[1]]
+    return items if tag else tuple(items)
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+
+
+@dataclass
+class _Statics:
+    """Static buffers of one stack and signature: inputs, outputs, output grads, input grad."""
+    inputs: list
+    last_src: list  # per input: (source tensor, its version) last copied in: repeats are skipped
+    outputs: list | None = None
+    grad_outs: dict = field(default_factory=dict)  # output-gradient description -> buffers
+    grad_in: torch.Tensor | None = None
+
+    def copy_in(self, leaves):
+        for i, (dst, src) in enumerate(zip(self.inputs, leaves)):
+            last = self.last_src[i]
+            if last is not None and last[0]() is src and last[1] == src._version:
+                continue  # e.g. the rotary cos/sin every layer of a stack receives
+            dst.copy_(src)
+            self.last_src[i] = (weakref.ref(src), src._version)
+
+
+@dataclass
+class _Entry:
+    graph: object
+    statics: _Statics
+    out_desc: tuple = ()
+    flats: list = field(default_factory=list)  # per dtype: (flat grad buffer, [(param, offset)])
+    grad_outs: list = field(default_factory=list)
+
+
+class LayerGraphs:
+    """Per-layer CUDA graphs for :mod:`harness.checkpointing`'s offloaded path."""
+
+    def __init__(self, device: torch.device, warmup: int = 1, max_signatures: int = 4, graph_factory=None):
+        self.device = device
+        self.warmup = warmup
+        self.max_signatures = max_signatures  # per layer: variable-length batches would capture forever
+        self._factory = graph_factory or _CudaGraph  # tests replace the CUDA graph with a recording double
+        self._pool = None
+        self.entries: dict = {}  # (id(layer), kind, signature) -> _Entry, or None when it failed
+        self.seen: dict = {}  # same key -> normal runs so far
+        self.statics: dict = {}  # (layer class, signature) -> _Statics
+        self.out_meta: dict = {}  # (id(layer), signature) -> (out desc, [output tensors' metadata])
+        self.signatures: dict = {}  # id(layer) -> set of signatures captured
+        self._host_mods: dict = {}  # id(layer) -> its submodules with host state
+        self._rng: dict = {}  # id(layer) -> has dropout
+        self.captured = 0
+        self.replays = 0
+        self.failures: list[str] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _key(self, fn, hidden, rest, autocast):
+        layer = fn.args[0] if fn.args else None
+        if layer is None or len(fn.args) != 1 or self._uses_rng(layer):
+            return None
+        leaves: list = []
+        try:
+            desc = flatten(((hidden, *rest), dict(fn.keywords)), leaves)
+        except _Ungraphable:
+            return None
+        if any(t.device != self.device for t in leaves):
+            return None
+        host = self._host_state(layer)
+        return layer, (desc, autocast, host), leaves
+
+    def _host_state(self, layer) -> tuple:
+        """Host-side values the layer's forward reads besides its arguments: the patches-per-image that
+        kernels.compiled's batched vision attention reads (set per tower call by a pre-hook)."""
+        mods = self._host_mods.get(id(layer))
+        if mods is None:
+            mods = self._host_mods[id(layer)] = [m for m in layer.modules() if _SEG in m.__dict__]
+        return tuple(m.__dict__[_SEG] for m in mods)
+
+    def _uses_rng(self, layer) -> bool:
+        """Dropout inside the layer: a replayed graph draws new random numbers, so the recompute
+        would not match the forward; such layers are not graphed."""
+        r = self._rng.get(id(layer))
+        if r is None:
+            r = self._rng[id(layer)] = any(
+                (isinstance(m, torch.nn.Dropout) and m.p > 0)
+                or any(isinstance(v, float) and v > 0 for k, v in vars(m).items() if k.endswith("dropout"))
+                for m in layer.modules())
+        return r
+
+    def _pool_handle(self):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else object()
+        return self._pool
+
+    def _statics_for(self, layer, sig, leaves) -> _Statics:
+        k = (type(layer), sig)
+        st = self.statics.get(k)
+        if st is None:
+            st = self.statics[k] = _Statics([_empty_like(t) for t in leaves], [None] * len(leaves))
+        return st
+
+    def _ready(self, key, sig) -> bool:
+        """Count a normal run of ``key``; true once it has run ``warmup`` times and may be captured
+        (at most ``max_signatures`` input signatures per layer)."""
+        n = self.seen.get(key, 0)
+        if n < self.warmup:
+            self.seen[key] = n + 1
+            return False
+        sigs = self.signatures.setdefault(key[0], set())
+        if sig not in sigs and len(sigs) >= self.max_signatures:
+            return False
+        sigs.add(sig)
+        return True
+
+    def _fail(self, key, layer, kind, err):
+        self.entries[key] = None
+        msg = f"{type(layer).__name__} {kind}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if msg not in self.failures:
+            self.failures.append(msg)
+            log.warning("CUDA graph capture failed, running this layer without graphs: %s", msg)
+
+    # ------------------------------------------------------------------ forward (no grad)
+    def forward(self, fn, call, hidden, rest):
+        """The layer's no-grad forward by graph replay, or MISS (then the caller runs ``fn``)."""
+        autocast = autocast_state(self.device.type)
+        found = self._key(fn, hidden, rest, autocast)
+        if found is None:
+            return MISS
+        layer, sig, leaves = found
+        key = (id(layer), "F", sig)
+        entry = self.entries.get(key, MISS)
+        if entry is None:
+            return MISS
+        if entry is MISS:
+            if not self._ready(key, sig) or (id(layer), sig) not in self.out_meta:  # the output's shapes come from a run
+                out = fn(hidden, *rest)
+                self._record_out(layer, sig, out)
+                return out
+            entry = self._capture_forward(key, layer, call, sig, leaves, autocast)
+            if entry is None:
+                return MISS
+        entry.statics.copy_in(leaves)
+        entry.graph.replay()
+        self.replays += 1
+        return unflatten(entry.out_desc, iter([o.clone() for o in entry.statics.outputs]))
+
+    def _record_out(self, layer, sig, out):
+        leaves: list = []
+        try:
+            desc = flatten(out, leaves)
+        except _Ungraphable:
+            return
+        # metadata only: holding the tensors would keep every layer's output alive until capture
+        self.out_meta[(id(layer), sig)] = (desc, [(t.shape, t.stride(), t.dtype) for t in leaves])
+
+    def _capture_forward(self, key, layer, call, sig, leaves, autocast):
+        out_desc, out_examples = self.out_meta[(id(layer), sig)]
+        st = self._statics_for(layer, sig, leaves)
+        if st.outputs is None:
+            st.outputs = [torch.empty_strided(shape, stride, dtype=dt, device=self.device)
+                          for shape, stride, dt in out_examples]
+        st.copy_in(leaves)
+        desc = sig[0]
+
+        def body():
+            with torch.no_grad(), autocast_no_cache(self.device.type, autocast):
+                args, kwargs = unflatten(desc, iter(st.inputs))
+                out = call(layer, *args, **kwargs)
+                got: list = []
+                if flatten(out, got) != out_desc:
+                    raise _Ungraphable("output structure changed")
+                for dst, t in zip(st.outputs, got):
+                    dst.copy_(t)
+
+        try:
+            graph = self._factory(self._pool_handle())
+            graph.capture(body)
+        except Exception as err:  # noqa: BLE001 - any capture failure means: run this layer normally
+            self._fail(key, layer, "forward", err)
+            return None
+        self.out_meta.pop((id(layer), sig), None)
+        entry = self.entries[key] = _Entry(graph, st, out_desc)
+        self.captured += 1
+        return entry
+
+    # ------------------------------------------------------------------ backward (recompute + backward)
+    def backward(self, fn, recompute, hidden, rest, grads, autocast):
+        """Recompute the layer and backpropagate ``grads`` by graph replay: returns the gradient of
+        ``hidden`` (None when it needs none) after adding the weights' gradients to their ``.grad``;
+        MISS when not graphed (then the caller recomputes normally)."""
+        if any(torch.is_tensor(r) and r.requires_grad for r in rest):
+            return MISS  # only the hidden state's and the weights' gradients are graphed
+        found = self._key(fn, hidden, rest, autocast)
+        if found is None:
+            return MISS
+        layer, sig, leaves = found
+        mask = tuple(g is not None for g in grads)
+        gleaves: list = []
+        try:
+            gdesc = flatten([g for g in grads if g is not None], gleaves)
+        except _Ungraphable:
+            return MISS
+        key = (id(layer), "B", (sig, mask, gdesc))
+        entry = self.entries.get(key, MISS)
+        if entry is None:
+            return MISS
+        if entry is MISS:
+            if not self._ready(key, sig):
+                return MISS
+            entry = self._capture_backward(key, layer, recompute, sig, leaves, hidden.requires_grad, mask,
+                                           gdesc, gleaves, autocast)
+            if entry is None:
+                return MISS
+        st = entry.statics
+        st.copy_in(leaves)
+        for dst, g in zip(entry.grad_outs, gleaves):
+            dst.copy_(g)
+        entry.graph.replay()
+        self.replays += 1
+        for flat, members in entry.flats:
+            fresh = flat.clone()  # the graph overwrites flat next time: hand autograd its own copy
+            for p, off in members:
+                g = fresh[off:off + p.numel()].view(p.shape)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+        return st.grad_in.clone() if hidden.requires_grad else None
+
+    def _capture_backward(self, key, layer, recompute, sig, leaves, needs_h, mask, gdesc, gleaves, autocast):
+        st = self._statics_for(layer, sig, leaves)
+        st.copy_in(leaves)
+        grad_outs = st.grad_outs.get(gdesc)
+        if grad_outs is None:
+            grad_outs = st.grad_outs[gdesc] = [_empty_like(g) for g in gleaves]
+        for dst, g in zip(grad_outs, gleaves):
+            dst.copy_(g)
+        if needs_h and st.grad_in is None:
+            st.grad_in = _empty_like(st.inputs[0])
+        params = [p for p in layer.parameters() if p.requires_grad]
+        flats = []
+        for dt in sorted({p.dtype for p in params}, key=str):
+            members, off = [], 0
+            for p in params:
+                if p.dtype == dt:
+                    members.append((p, off))
+                    off += p.numel()
+            flats.append((torch.empty(off, dtype=dt, device=self.device), members))
+        views = {id(p): flat[off:off + p.numel()].view(p.shape) for flat, ms in flats for p, off in ms}
+        desc = sig[0]
+
+        def body():
+            with torch.enable_grad(), autocast_no_cache(self.device.type, autocast):
+                args, kwargs = unflatten(desc, iter(st.inputs))
+                h = args[0].detach().requires_grad_(needs_h)
+                out = recompute(layer, h, *args[1:], **kwargs)
+                outs = out if isinstance(out, tuple) else (out,)
+                sel = [o for o, m in zip(outs, mask) if m]
+                if len(sel) != len(grad_outs) or not all(torch.is_tensor(o) and o.requires_grad for o in sel):
+                    raise _Ungraphable("outputs with gradients do not match")
+                targets = ([h] if needs_h else []) + params
+                got = torch.autograd.grad(sel, targets, grad_outputs=grad_outs, allow_unused=True)
+                if needs_h:
+                    st.grad_in.copy_(got[0])
+                for p, g in zip(params, got[1:] if needs_h else got):
+                    if g is None:
+                        views[id(p)].zero_()
+                    else:
+                        views[id(p)].copy_(g)
+
+        try:
+            graph = self._factory(self._pool_handle())
+            graph.capture(body)
+        except Exception as err:  # noqa: BLE001
+            self._fail(key, layer, "backward", err)
+            return None
+        entry = self.entries[key] = _Entry(graph, st, flats=flats, grad_outs=grad_outs)
+        self.captured += 1
+        return entry
+
+    def summary(self) -> dict:
+        return {"captured": self.captured, "replays": self.replays, "failures": list(self.failures)}
+
+
+class _CudaGraph:
+    """torch.cuda.CUDAGraph sharing one memory pool: ``g.capture(body)`` records what ``body`` launches,
+    ``g.replay()`` launches it again."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.g = torch.cuda.CUDAGraph()
+
+    def capture(self, body):
+        with torch.cuda.graph(self.g, pool=self.pool):
+            body()
+
+    def replay(self):
+        self.g.replay()
+
+
+def autocast_state(device_type: str) -> tuple:
+    return (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+
+def autocast_no_cache(device_type: str, state: tuple):
+    """The autocast ``state`` (enabled, dtype) with its weight-cast cache off. Off inside a capture (cached
+    casts would outlive the graph), and therefore off in the runs before it: the compiler guards on the
+    flag, and a compile during a capture would fail."""
+    return torch.autocast(device_type, dtype=state[1], enabled=state[0], cache_enabled=False)
+
+
+def graphs_supported(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+__all__ = ["LayerGraphs", "MISS", "graphs_supported", "flatten", "unflatten", "autocast_state",
+           "autocast_no_cache"]

@@ -1,0 +1,199 @@
+"""Per-layer CUDA graphs of the offloaded checkpointing path (harness/layer_graphs.py), on CPU.
+
+A CUDA graph cannot be captured on CPU; ``Replay`` stands in for one: capture records the body and
+replay runs it again, reading and writing the same static buffers a real graph would. So these tests
+check everything around the graph: which calls are captured, the static buffers (copy in, copy out,
+sharing across a stack's layers), gradient accumulation into ``.grad``, the fallbacks. The real
+capture runs in tests/test_gpu.py.
+"""
+import pytest
+import torch
+
+from harness.checkpointing import enable_checkpointing
+from harness.layer_graphs import LayerGraphs, flatten, unflatten
+
+from .kernels.test_patch import _inputs, _loss_and_grads, _tiny_model
+
+peft = pytest.importorskip("peft")
+
+
+class Replay:
+    """CPU stand-in for a CUDA graph: ``capture`` records the body, ``replay`` runs it again."""
+
+    def __init__(self, pool):
+        self.body = None
+        self.replays = 0
+
+    def capture(self, body):
+        self.body = body
+        body()  # a real capture launches nothing; running it once more is harmless here
+
+    def replay(self):
+        self.replays += 1
+        self.body()
+
+
+def _graphed(model, warmup=1, compile_backend=None):
+    model.train()
+    if compile_backend is not None:
+        from harness.kernels.compiled import compile_layers, prepare_for_compile
+
+        prepare_for_compile(model)
+        compile_layers(model, backend=compile_backend)
+    label = enable_checkpointing(model, "unsloth", torch.device("cpu"), force=True, graphs=True)
+    assert label == "offloaded (3 layers, CUDA graphs)"
+    graphs = model.__dict__["_harness_offloader"].graphs
+    graphs._factory = Replay
+    graphs.warmup = warmup
+    return graphs
+
+
+def _assert_same(got, ref, rtol=1e-5, atol=1e-6):
+    loss, grads = got
+    loss_ref, grads_ref = ref
+    torch.testing.assert_close(loss, loss_ref, rtol=rtol, atol=atol)
+    assert grads.keys() == grads_ref.keys() and grads
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def test_graphed_layers_match_plain_training_steps():
+    """Warm-up step, capture step, replay steps with new data: loss and every LoRA gradient match the
+    model without graphs or checkpointing, and each layer got exactly one forward and one backward graph."""
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    graphs = _graphed(model)
+    for step, seed in enumerate([21, 22, 23, 24]):
+        inputs = dict(_inputs(seed), use_cache=False)
+        _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs))
+        if step == 0:
+            assert graphs.captured == 0 and graphs.replays == 0  # warm-up: the layers ran normally
+    assert graphs.failures == []
+    assert graphs.captured == 2 * 3  # forward + backward for 2 decoder layers and 1 vision block
+    assert graphs.replays == 3 * 2 * 3  # every later step replays all six
+    # the decoder layers share one set of static buffers; the vision block has its own
+    assert len(graphs.statics) == 2
+
+
+def test_graphed_gradients_accumulate_like_autograd():
+    """Two backward passes without zero_grad (gradient accumulation): grads add up, as with autograd."""
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    graphs = _graphed(model, warmup=0)  # captured on the first call
+
+    def two_micro_batches(m):
+        m.zero_grad(set_to_none=True)
+        for seed in (31, 32):
+            m(**dict(_inputs(seed), use_cache=False)).loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    got, ref = two_micro_batches(model), two_micro_batches(ref_model)
+    assert graphs.replays > 0 and graphs.failures == []
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6)
+    # frozen weights stay without gradients
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_graphed_layers_with_compiled_recompute():
+    """Compiled layers: the capture runs the compiled forward, also in backward (the autograd engine's
+    thread, where the compiler's frame hook is not installed)."""
+    torch._dynamo.reset()
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    graphs = _graphed(model, compile_backend="aot_eager")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    try:
+        for seed in (41, 42, 43):
+            inputs = dict(_inputs(seed), use_cache=False)
+            _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs), rtol=1e-4, atol=1e-5)
+        assert graphs.failures == [] and graphs.captured == 6
+        # per layer stack: the no-grad forward and the recompute (with grad) are compiled, nothing per layer
+        assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+    finally:
+        from harness.kernels.compiled import uncompile_layers
+
+        uncompile_layers(model)
+
+
+def test_compiled_recompute_without_graphs():
+    """Offloaded checkpointing around compiled layers recomputes with the compiled forward."""
+    torch._dynamo.reset()
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    model.train()
+    from harness.kernels.compiled import compile_layers, prepare_for_compile, uncompile_layers
+    from torch._dynamo.utils import counters
+
+    prepare_for_compile(model)
+    compile_layers(model, backend="aot_eager")
+    assert enable_checkpointing(model, "unsloth", torch.device("cpu"), force=True) == "offloaded (3 layers)"
+    counters.clear()
+    try:
+        inputs = dict(_inputs(51), use_cache=False)
+        _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs), rtol=1e-4, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+    finally:
+        uncompile_layers(model)
+
+
+def test_layers_with_dropout_are_not_graphed():
+    """A replay draws new random numbers: a layer with dropout keeps running normally."""
+    model = _tiny_model()
+    for layer in model.base_model.model.model.language_model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    graphs = _graphed(model, warmup=0)
+    for seed in (61, 62):
+        _loss_and_grads(model, dict(_inputs(seed), use_cache=False))
+    assert graphs.captured == 2  # the vision block (no dropout) only: forward and backward
+
+
+def test_capture_failure_falls_back_once():
+    """A layer that cannot be captured runs normally from then on, with one logged failure."""
+
+    class Failing(Replay):
+        def capture(self, body):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    graphs = _graphed(model, warmup=0)
+    graphs._factory = Failing
+    for seed in (71, 72):
+        inputs = dict(_inputs(seed), use_cache=False)
+        _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs))
+    assert graphs.captured == 0 and graphs.replays == 0
+    assert len(graphs.failures) == 4  # decoder and vision layer types, forward and backward: logged once each
+    assert all(v is None for v in graphs.entries.values()) and len(graphs.entries) == 2 * 3
+
+
+def test_new_shape_gets_its_own_graphs_and_the_limit_holds():
+    model = _tiny_model()
+    graphs = _graphed(model, warmup=0)
+    graphs.max_signatures = 1
+    for seed in (80, 81):  # warm-up 0: the backward graphs come at once, the forward ones need a run
+        _loss_and_grads(model, dict(_inputs(seed), use_cache=False))
+    assert graphs.captured == 6
+    longer = _inputs(82)
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "labels"):
+        longer[k] = torch.cat([longer[k], longer[k][:, -3:]], dim=1)
+    ref = _tiny_model()
+    ref.train()
+    _assert_same(_loss_and_grads(model, dict(longer, use_cache=False)),
+                 _loss_and_grads(ref, dict(longer, use_cache=False)))
+    # the vision block's input did not change shape: replayed; the decoder layers hit the limit of 1
+    assert graphs.captured == 6
+
+
+def test_flatten_roundtrip_and_refusals():
+    t = torch.randn(2, 3)
+    leaves = []
+    desc = flatten(((t, None), {"a": (t, t.T), "b": 3, "c": torch.float16}), leaves)
+    assert len(leaves) == 3
+    back = unflatten(desc, iter(leaves))
+    assert back[0][0] is t and back[1]["a"][1] is leaves[2] and back[1]["b"] == 3
+    hash(desc)
+    with pytest.raises(Exception):
+        flatten({"cache": object()}, [])
