@@ -133,7 +133,7 @@ class LayerGraphs:
             desc = flatten(((hidden, *rest), dict(fn.keywords)), leaves)
         except _Ungraphable:
             return None
-        if any(t.device != self.device for t in leaves):
+        if any(t.device.type != self.device.type for t in leaves):
             return None
         host = self._host_state(layer)
         return layer, (desc, autocast, host), leaves
