@@ -122,19 +122,22 @@ class LayerGraphs:
         self.captured = 0
         self.replays = 0
         self.failures: list[str] = []
+        self.misses: dict = {}  # why a call ran without graphs -> count
 
     # ------------------------------------------------------------------ helpers
     def _key(self, fn, hidden, rest, autocast):
         layer = fn.args[0] if fn.args else None
-        if layer is None or len(fn.args) != 1 or self._uses_rng(layer):
-            return None
+        if layer is None or len(fn.args) != 1:
+            return self._miss("not a layer call")
+        if self._uses_rng(layer):
+            return self._miss("dropout")
         leaves: list = []
         try:
             desc = flatten(((hidden, *rest), dict(fn.keywords)), leaves)
-        except _Ungraphable:
-            return None
+        except _Ungraphable as err:
+            return self._miss(f"argument of type {err}")
         if any(t.device.type != self.device.type for t in leaves):
-            return None
+            return self._miss("tensor on another device")
         host = self._host_state(layer)
         return layer, (desc, autocast, host), leaves
 
@@ -145,6 +148,10 @@ class LayerGraphs:
         if mods is None:
             mods = self._host_mods[id(layer)] = [m for m in layer.modules() if _SEG in m.__dict__]
         return tuple(m.__dict__[_SEG] for m in mods)
+
+    def _miss(self, why: str):
+        self.misses[why] = self.misses.get(why, 0) + 1
+        return None
 
     def _uses_rng(self, layer) -> bool:
         """Dropout inside the layer: a replayed graph draws new random numbers, so the recompute
@@ -175,9 +182,11 @@ class LayerGraphs:
         n = self.seen.get(key, 0)
         if n < self.warmup:
             self.seen[key] = n + 1
+            self._miss("warm-up")
             return False
         sigs = self.signatures.setdefault(key[0], set())
         if sig not in sigs and len(sigs) >= self.max_signatures:
+            self._miss("signature limit")
             return False
         sigs.add(sig)
         return True
@@ -259,6 +268,7 @@ class LayerGraphs:
         ``hidden`` (None when it needs none) after adding the weights' gradients to their ``.grad``;
         MISS when not graphed (then the caller recomputes normally)."""
         if any(torch.is_tensor(r) and r.requires_grad for r in rest):
+            self._miss("another argument needs a gradient")
             return MISS  # only the hidden state's and the weights' gradients are graphed
         found = self._key(fn, hidden, rest, autocast)
         if found is None:
@@ -349,7 +359,8 @@ class LayerGraphs:
         return entry
 
     def summary(self) -> dict:
-        return {"captured": self.captured, "replays": self.replays, "failures": list(self.failures)}
+        return {"captured": self.captured, "replays": self.replays, "failures": list(self.failures),
+                "ran without graphs": dict(self.misses)}
 
 
 class _CudaGraph:
