@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -91,12 +92,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.others = [None if torch.is_tensor(r) else r for r in rest]
         ctx.save_for_backward(*[rest[i] for i in ctx.tensor_idx])
         out = MISS
-        call = _recompute_fn(fn)
+        ctx.call = call = layer_call(fn)
         with torch.no_grad(), autocast_no_cache(ctx.dev, ctx.autocast):
+            # detached: the compiled forward's guards see the same requires_grad as in a graph capture
+            h = hidden.detach()
             if offloader.graphs is not None and call is not None:
-                out = offloader.graphs.forward(fn, call, hidden, rest)
+                out = offloader.graphs.forward(call, h, rest)
             if out is MISS:
-                out = fn(hidden, *rest) if call is None else call(*fn.args, hidden, *rest, **fn.keywords)
+                out = fn(h, *rest) if call is None else call[1](call[0], h, *rest, **call[2])
         ctx.saved = offloader.offload(hidden)
         ctx.tuple_out = isinstance(out, tuple)
         return out
@@ -107,9 +110,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         rest = list(ctx.others)
         for i, t in zip(ctx.tensor_idx, ctx.saved_tensors):
             rest[i] = t.detach().requires_grad_(t.requires_grad)
-        recompute = _recompute_fn(ctx.fn)
-        if ctx.offloader.graphs is not None and recompute is not None:
-            g = ctx.offloader.graphs.backward(ctx.fn, recompute, hidden, rest, grads, ctx.autocast)
+        call = ctx.call
+        if ctx.offloader.graphs is not None and call is not None:
+            g = ctx.offloader.graphs.backward(call, hidden, rest, grads, ctx.autocast)
             if g is not MISS:
                 return (None, None, g, *[None] * len(rest))
         with contextlib.ExitStack() as stack:
@@ -119,10 +122,10 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                 torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(autocast_no_cache(ctx.dev, ctx.autocast))
-            if recompute is None:
+            if call is None:
                 out = ctx.fn(hidden, *rest)
             else:
-                out = recompute(*ctx.fn.args, hidden, *rest, **ctx.fn.keywords)
+                out = call[1](call[0], hidden, *rest, **call[2])
         outs = out if ctx.tuple_out else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:
@@ -131,17 +134,31 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, hidden.grad if hidden.requires_grad else None, *rest_grads)
 
 
-def _recompute_fn(fn):
-    """The function that runs a layer here, forward and recompute: ``f(layer, hidden, *rest, **kwargs)``.
+def layer_call(fn):
+    """``(layer, f, kwargs)`` such that ``f(layer, hidden, *rest, **kwargs)`` runs what ``fn(hidden, *rest)``
+    runs, or None when ``fn`` is not a transformers layer call.
 
-    When the layer is compiled (kernels.compiled), its compiled forward, called explicitly: the
-    checkpoint function is kept out of the compiler, and backward runs on the autograd engine's
-    thread, where no compiler frame hook is installed: ``fn`` itself would run eagerly."""
-    layer = fn.args[0] if isinstance(fn, functools.partial) and len(fn.args) == 1 else None
-    compiled = getattr(layer, "__dict__", {}).get("_harness_compiled_forward")
+    transformers >= 5.2x checkpoints ``partial(forward, layer, **kwargs)``, earlier 5.x
+    ``partial(layer.__call__ of nn.Module, **kwargs)``. When the layer is compiled (kernels.compiled), ``f``
+    is its compiled forward, called explicitly: this checkpoint function is kept out of the compiler,
+    and backward runs on the autograd engine's thread, where no compiler frame hook is installed:
+    ``fn`` itself would run eagerly there."""
+    if not isinstance(fn, functools.partial):
+        return None
+    func, args = fn.func, fn.args
+    if len(args) == 1 and isinstance(args[0], torch.nn.Module) and not inspect.ismethod(func):
+        layer, f = args[0], func
+    elif not args and inspect.ismethod(func) and isinstance(func.__self__, torch.nn.Module):
+        layer = func.__self__
+
+        def f(_layer, *a, **k):
+            return func(*a, **k)
+    else:
+        return None
+    compiled = layer.__dict__.get("_harness_compiled_forward")
     if compiled is not None and getattr(layer, "_compiled_call_impl", None) is not None:
-        return compiled
-    return fn.func if layer is not None else None
+        f = compiled
+    return layer, f, fn.keywords
 
 
 @torch.compiler.disable
@@ -149,7 +166,7 @@ def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     """The checkpoint function transformers' GradientCheckpointingLayer calls: fn(hidden, *rest).
 
     Kept out of the compiler (a compiled layer's frame calls it): the bookkeeping here is host work
-    by design, and the layer itself runs through its own compiled forward (``_recompute_fn``)."""
+    by design, and the layer itself runs through its own compiled forward (``layer_call``)."""
     if not torch.is_grad_enabled():
         return fn(*args)
     if not args or not torch.is_tensor(args[0]):  # no positional hidden state to offload

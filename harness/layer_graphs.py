@@ -72,6 +72,10 @@ def unflatten(desc, leaves):
     return items if tag else tuple(items)
 
 
+def _layout(leaves) -> tuple:
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in leaves)
+
+
 def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
@@ -125,15 +129,12 @@ class LayerGraphs:
         self.misses: dict = {}  # why a call ran without graphs -> count
 
     # ------------------------------------------------------------------ helpers
-    def _key(self, fn, hidden, rest, autocast):
-        layer = fn.args[0] if fn.args else None
-        if layer is None or len(fn.args) != 1:
-            return self._miss("not a layer call")
+    def _key(self, layer, kwargs, hidden, rest, autocast):
         if self._uses_rng(layer):
             return self._miss("dropout")
         leaves: list = []
         try:
-            desc = flatten(((hidden, *rest), dict(fn.keywords)), leaves)
+            desc = flatten(((hidden, *rest), dict(kwargs)), leaves)
         except _Ungraphable as err:
             return self._miss(f"argument of type {err}")
         if any(t.device.type != self.device.type for t in leaves):
@@ -169,26 +170,26 @@ class LayerGraphs:
             self._pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else object()
         return self._pool
 
-    def _statics_for(self, layer, sig, leaves) -> _Statics:
-        k = (type(layer), sig)
+    def _statics_for(self, layer, leaves) -> _Statics:
+        k = (type(layer), _layout(leaves))  # forward and backward graphs of a stack share them
         st = self.statics.get(k)
         if st is None:
             st = self.statics[k] = _Statics([_empty_like(t) for t in leaves], [None] * len(leaves))
         return st
 
-    def _ready(self, key, sig) -> bool:
+    def _ready(self, key, layout) -> bool:
         """Count a normal run of ``key``; true once it has run ``warmup`` times and may be captured
-        (at most ``max_signatures`` input signatures per layer)."""
+        (at most ``max_signatures`` input layouts per layer)."""
         n = self.seen.get(key, 0)
         if n < self.warmup:
             self.seen[key] = n + 1
             self._miss("warm-up")
             return False
         sigs = self.signatures.setdefault(key[0], set())
-        if sig not in sigs and len(sigs) >= self.max_signatures:
+        if layout not in sigs and len(sigs) >= self.max_signatures:
             self._miss("signature limit")
             return False
-        sigs.add(sig)
+        sigs.add(layout)
         return True
 
     def _fail(self, key, layer, kind, err):
@@ -199,10 +200,12 @@ class LayerGraphs:
             log.warning("CUDA graph capture failed, running this layer without graphs: %s", msg)
 
     # ------------------------------------------------------------------ forward (no grad)
-    def forward(self, fn, call, hidden, rest):
-        """The layer's no-grad forward by graph replay, or MISS (then the caller runs ``fn``)."""
+    def forward(self, layer_call, hidden, rest):
+        """The layer's no-grad forward by graph replay, or MISS (then the caller runs it).
+        ``layer_call``: (layer, f, kwargs) with f(layer, hidden, *rest, **kwargs) the layer's forward."""
+        layer, call, kwargs = layer_call
         autocast = autocast_state(self.device.type)
-        found = self._key(fn, hidden, rest, autocast)
+        found = self._key(layer, kwargs, hidden, rest, autocast)
         if found is None:
             return MISS
         layer, sig, leaves = found
@@ -211,8 +214,8 @@ class LayerGraphs:
         if entry is None:
             return MISS
         if entry is MISS:
-            if not self._ready(key, sig) or (id(layer), sig) not in self.out_meta:  # the output's shapes come from a run
-                out = fn(hidden, *rest)
+            if not self._ready(key, _layout(leaves)) or (id(layer), sig) not in self.out_meta:  # the output's shapes come from a run
+                out = call(layer, hidden, *rest, **kwargs)
                 self._record_out(layer, sig, out)
                 return out
             entry = self._capture_forward(key, layer, call, sig, leaves, autocast)
@@ -234,7 +237,7 @@ class LayerGraphs:
 
     def _capture_forward(self, key, layer, call, sig, leaves, autocast):
         out_desc, out_examples = self.out_meta[(id(layer), sig)]
-        st = self._statics_for(layer, sig, leaves)
+        st = self._statics_for(layer, leaves)
         if st.outputs is None:
             st.outputs = [torch.empty_strided(shape, stride, dtype=dt, device=self.device)
                           for shape, stride, dt in out_examples]
@@ -263,14 +266,15 @@ class LayerGraphs:
         return entry
 
     # ------------------------------------------------------------------ backward (recompute + backward)
-    def backward(self, fn, recompute, hidden, rest, grads, autocast):
+    def backward(self, layer_call, hidden, rest, grads, autocast):
         """Recompute the layer and backpropagate ``grads`` by graph replay: returns the gradient of
         ``hidden`` (None when it needs none) after adding the weights' gradients to their ``.grad``;
         MISS when not graphed (then the caller recomputes normally)."""
         if any(torch.is_tensor(r) and r.requires_grad for r in rest):
             self._miss("another argument needs a gradient")
             return MISS  # only the hidden state's and the weights' gradients are graphed
-        found = self._key(fn, hidden, rest, autocast)
+        layer, recompute, kwargs = layer_call
+        found = self._key(layer, kwargs, hidden, rest, autocast)
         if found is None:
             return MISS
         layer, sig, leaves = found
@@ -285,7 +289,7 @@ class LayerGraphs:
         if entry is None:
             return MISS
         if entry is MISS:
-            if not self._ready(key, sig):
+            if not self._ready(key, _layout(leaves)):
                 return MISS
             entry = self._capture_backward(key, layer, recompute, sig, leaves, hidden.requires_grad, mask,
                                            gdesc, gleaves, autocast)
@@ -308,7 +312,7 @@ class LayerGraphs:
         return st.grad_in.clone() if hidden.requires_grad else None
 
     def _capture_backward(self, key, layer, recompute, sig, leaves, needs_h, mask, gdesc, gleaves, autocast):
-        st = self._statics_for(layer, sig, leaves)
+        st = self._statics_for(layer, leaves)
         st.copy_in(leaves)
         grad_outs = st.grad_outs.get(gdesc)
         if grad_outs is None:

@@ -176,13 +176,21 @@ def compile_layers(model: nn.Module, backend: str = "inductor", mode: str | None
     for name, m in model.named_modules():
         if isinstance(m, GradientCheckpointingLayer) and m._compiled_call_impl is None:
             m.compile(backend=backend, mode=mode)
-            fwd = getattr(type(m).forward, "__wrapped__", None)  # the forward under transformers' checkpoint wrapper
-            if fwd is not None:
-                if fwd not in recompute:
-                    recompute[fwd] = torch.compile(fwd, backend=backend, mode=mode)
-                m.__dict__["_harness_compiled_forward"] = recompute[fwd]
+            fwd = _plain_forward(type(m))
+            if fwd not in recompute:
+                recompute[fwd] = torch.compile(fwd, backend=backend, mode=mode)
+            m.__dict__["_harness_compiled_forward"] = recompute[fwd]
             names.append(name)
     return names
+
+
+def _plain_forward(cls):
+    """The layer class's forward without transformers' checkpointing wrapper (>= 5.2x wraps ``forward``;
+    earlier versions checkpoint in ``__call__`` and leave ``forward`` alone)."""
+    f = cls.forward
+    if getattr(getattr(f, "__code__", None), "co_name", "") == "forward_with_checkpointing":
+        return f.__wrapped__
+    return f
 
 
 def uncompile_layers(model: nn.Module) -> None:

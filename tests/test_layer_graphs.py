@@ -197,3 +197,27 @@ def test_flatten_roundtrip_and_refusals():
     hash(desc)
     with pytest.raises(Exception):
         flatten({"cache": object()}, [])
+
+
+def test_layer_call_reads_both_transformers_checkpoint_styles():
+    """transformers >= 5.2x checkpoints partial(forward, layer, **kw); earlier 5.x partial(super().__call__, **kw)."""
+    import functools
+
+    from harness.checkpointing import layer_call
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, x, scale=1.0):
+            return self.lin(x) * scale
+
+    layer, x = Layer(), torch.randn(2, 3)
+    new_style = functools.partial(Layer.forward, layer, scale=2.0)
+    old_style = functools.partial(torch.nn.Module.__call__.__get__(layer), scale=2.0)
+    for fn in (new_style, old_style):
+        got_layer, f, kwargs = layer_call(fn)
+        assert got_layer is layer and kwargs == {"scale": 2.0}
+        torch.testing.assert_close(f(got_layer, x, **kwargs), layer(x, scale=2.0))
+    assert layer_call(lambda h: h) is None
