@@ -19,7 +19,7 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from harness.layer_graphs import MISS, autocast_no_cache, autocast_state
+from harness.layer_graphs import MISS, autocast_no_cache, autocast_state, uses_rng
 
 
 class _Saved:
@@ -86,13 +86,16 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.fn, ctx.offloader = fn, offloader
         ctx.dev = hidden.device.type
         ctx.autocast = autocast_state(ctx.dev)
-        ctx.rng_cpu = torch.get_rng_state()
-        ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.call = call = layer_call(fn)
+        # the RNG state is for the recompute's dropout masks: layers without dropout skip the (host) work
+        ctx.rng = call is None or uses_rng(call[0])
+        if ctx.rng:
+            ctx.rng_cpu = torch.get_rng_state()
+            ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
         ctx.tensor_idx = [i for i, r in enumerate(rest) if torch.is_tensor(r)]
         ctx.others = [None if torch.is_tensor(r) else r for r in rest]
         ctx.save_for_backward(*[rest[i] for i in ctx.tensor_idx])
         out = MISS
-        ctx.call = call = layer_call(fn)
         with torch.no_grad(), autocast_no_cache(ctx.dev, ctx.autocast):
             # detached: the compiled forward's guards see the same requires_grad as in a graph capture
             h = hidden.detach()
@@ -116,10 +119,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if g is not MISS:
                 return (None, None, g, *[None] * len(rest))
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []))
-            torch.set_rng_state(ctx.rng_cpu)
-            if ctx.rng_cuda is not None:
-                torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
+            if ctx.rng:
+                stack.enter_context(torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []))
+                torch.set_rng_state(ctx.rng_cpu)
+                if ctx.rng_cuda is not None:
+                    torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(autocast_no_cache(ctx.dev, ctx.autocast))
             if call is None:

@@ -122,7 +122,7 @@ class LayerGraphs:
         self.out_meta: dict = {}  # (id(layer), signature) -> (out desc, [output tensors' metadata])
         self.signatures: dict = {}  # id(layer) -> set of signatures captured
         self._host_mods: dict = {}  # id(layer) -> its submodules with host state
-        self._rng: dict = {}  # id(layer) -> has dropout
+        self.flat_bufs: dict = {}  # (layer class, trainable shapes) -> {dtype: flat gradient buffer}
         self.captured = 0
         self.replays = 0
         self.failures: list[str] = []
@@ -130,7 +130,7 @@ class LayerGraphs:
 
     # ------------------------------------------------------------------ helpers
     def _key(self, layer, kwargs, hidden, rest, autocast):
-        if self._uses_rng(layer):
+        if uses_rng(layer):
             return self._miss("dropout")
         leaves: list = []
         try:
@@ -153,17 +153,6 @@ class LayerGraphs:
     def _miss(self, why: str):
         self.misses[why] = self.misses.get(why, 0) + 1
         return None
-
-    def _uses_rng(self, layer) -> bool:
-        """Dropout inside the layer: a replayed graph draws new random numbers, so the recompute
-        would not match the forward; such layers are not graphed."""
-        r = self._rng.get(id(layer))
-        if r is None:
-            r = self._rng[id(layer)] = any(
-                (isinstance(m, torch.nn.Dropout) and m.p > 0)
-                or any(isinstance(v, float) and v > 0 for k, v in vars(m).items() if k.endswith("dropout"))
-                for m in layer.modules())
-        return r
 
     def _pool_handle(self):
         if self._pool is None:
@@ -320,16 +309,26 @@ class LayerGraphs:
         for dst, g in zip(grad_outs, gleaves):
             dst.copy_(g)
         if needs_h and st.grad_in is None:
-            st.grad_in = _empty_like(st.inputs[0])
+            h0 = st.inputs[0]
+            out0 = st.outputs[0] if st.outputs else None
+            same = out0 is not None and _layout([out0]) == _layout([h0])
+            # the forward graph's output buffer: each result is cloned right after its replay, so the two
+            # graphs never need it at once
+            st.grad_in = out0 if same else _empty_like(h0)
         params = [p for p in layer.parameters() if p.requires_grad]
         flats = []
+        # one set of flat gradient buffers per stack (its layers' trainable weights have the same shapes):
+        # each replay's gradients are cloned out before the next replay
+        shared = self.flat_bufs.setdefault((type(layer), tuple((p.shape, p.dtype) for p in params)), {})
         for dt in sorted({p.dtype for p in params}, key=str):
             members, off = [], 0
             for p in params:
                 if p.dtype == dt:
                     members.append((p, off))
                     off += p.numel()
-            flats.append((torch.empty(off, dtype=dt, device=self.device), members))
+            if dt not in shared:
+                shared[dt] = torch.empty(off, dtype=dt, device=self.device)
+            flats.append((shared[dt], members))
         views = {id(p): flat[off:off + p.numel()].view(p.shape) for flat, ms in flats for p, off in ms}
         desc = sig[0]
 
@@ -394,11 +393,24 @@ def autocast_no_cache(device_type: str, state: tuple):
     return torch.autocast(device_type, dtype=state[1], enabled=state[0], cache_enabled=False)
 
 
+def uses_rng(layer) -> bool:
+    """Whether the layer draws random numbers in training (dropout): a replayed graph would draw new ones,
+    so the recompute would not match the forward; such layers are not graphed, and only they need the
+    checkpoint to save and restore the RNG state. Cached on the layer."""
+    r = layer.__dict__.get("_harness_uses_rng")
+    if r is None:
+        r = layer.__dict__["_harness_uses_rng"] = any(
+            (isinstance(m, torch.nn.Dropout) and m.p > 0)
+            or any(isinstance(v, float) and v > 0 for k, v in vars(m).items() if k.endswith("dropout"))
+            for m in layer.modules())
+    return r
+
+
 def graphs_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-__all__ = ["LayerGraphs", "MISS", "graphs_supported", "flatten", "unflatten", "autocast_state",
+__all__ = ["LayerGraphs", "MISS", "graphs_supported", "uses_rng", "flatten", "unflatten", "autocast_state",
            "autocast_no_cache"]

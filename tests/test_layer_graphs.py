@@ -73,6 +73,7 @@ def test_graphed_layers_match_plain_training_steps():
     assert graphs.replays == 3 * 2 * 3  # every later step replays all six
     # the decoder layers share one set of static buffers; the vision block has its own
     assert len(graphs.statics) == 2
+    assert len(graphs.flat_bufs) == 2  # and one set of flat gradient buffers per stack
 
 
 def test_graphed_gradients_accumulate_like_autograd():
