@@ -19,14 +19,18 @@ dead when it ends, so one private pool serves all graphs whatever order they run
 pool's size is about one layer's activations: the memory checkpointing already needs.
 
 A layer signature runs normally (compiled, not graphed) ``warmup`` times first, so the compiler
-has compiled and tuned before capture. Any failure to capture (a host sync inside the layer,
-an argument that is not a tensor or a plain value, a tensor subclass) makes that layer and
-signature run normally from then on, with one log line. Gradients of trainable weights are
+has compiled and tuned before capture. Right before capture the graph's body runs once more with
+synchronizing CUDA calls turned into errors: a layer that reads device values on the host (Qwen2.5-VL's
+windowed vision attention) is found there, not half-way through a capture, which would leave CUDA
+state behind. That, and an argument that is not a tensor or a plain value (a cache object, a tensor
+subclass), makes the layer and signature run normally from then on, with one log line; a capture
+that fails anyway stops all further captures in the run. Gradients of trainable weights are
 accumulated into ``.grad`` like autograd does; module hooks on gradient accumulation do not run,
 which is why graphs are off under torch.distributed (DDP reduces gradients in those hooks).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -127,6 +131,8 @@ class LayerGraphs:
         self.replays = 0
         self.failures: list[str] = []
         self.misses: dict = {}  # why a call ran without graphs -> count
+        self.stopped = False  # after a failed capture: no new captures
+        self._sync_guard = sync_errors if device.type == "cuda" else contextlib.nullcontext
 
     # ------------------------------------------------------------------ helpers
     def _key(self, layer, kwargs, hidden, rest, autocast):
@@ -169,6 +175,9 @@ class LayerGraphs:
     def _ready(self, key, layout) -> bool:
         """Count a normal run of ``key``; true once it has run ``warmup`` times and may be captured
         (at most ``max_signatures`` input layouts per layer)."""
+        if self.stopped:
+            self._miss("graphs stopped after a failed capture")
+            return False
         n = self.seen.get(key, 0)
         if n < self.warmup:
             self.seen[key] = n + 1
@@ -181,12 +190,25 @@ class LayerGraphs:
         sigs.add(layout)
         return True
 
-    def _fail(self, key, layer, kind, err):
+    def _fail(self, key, layer, kind, err, captured=False):
         self.entries[key] = None
         msg = f"{type(layer).__name__} {kind}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if captured:
+            # a capture that failed half-way can leave CUDA state behind (the pool, the RNG's capture
+            # flag): capture nothing more in this run; graphs captured before keep replaying
+            self.stopped = True
+            msg += " (no further captures in this run)"
         if msg not in self.failures:
             self.failures.append(msg)
             log.warning("CUDA graph capture failed, running this layer without graphs: %s", msg)
+
+    def _probe(self, body):
+        """Run ``body`` once, normally, with synchronizing CUDA calls turned into errors (torch's sync debug
+        mode): a layer that reads device values on the host (``.item()``, ``.tolist()``, copies from pageable
+        memory) or would compile again cannot be captured, and finding that out in a real capture would
+        leave the capture half-done. Raises on any such call."""
+        with self._sync_guard():
+            body()
 
     # ------------------------------------------------------------------ forward (no grad)
     def forward(self, layer_call, hidden, rest):
@@ -244,10 +266,15 @@ class LayerGraphs:
                     dst.copy_(t)
 
         try:
+            self._probe(body)
+        except Exception as err:  # noqa: BLE001 - the layer cannot be captured: it runs normally
+            self._fail(key, layer, "forward", err)
+            return None
+        try:
             graph = self._factory(self._pool_handle())
             graph.capture(body)
-        except Exception as err:  # noqa: BLE001 - any capture failure means: run this layer normally
-            self._fail(key, layer, "forward", err)
+        except Exception as err:  # noqa: BLE001
+            self._fail(key, layer, "forward", err, captured=True)
             return None
         self.out_meta.pop((id(layer), sig), None)
         entry = self.entries[key] = _Entry(graph, st, out_desc)
@@ -352,10 +379,15 @@ class LayerGraphs:
                         views[id(p)].copy_(g)
 
         try:
+            self._probe(body)
+        except Exception as err:  # noqa: BLE001 - the layer cannot be captured: it runs normally
+            self._fail(key, layer, "backward", err)
+            return None
+        try:
             graph = self._factory(self._pool_handle())
             graph.capture(body)
         except Exception as err:  # noqa: BLE001
-            self._fail(key, layer, "backward", err)
+            self._fail(key, layer, "backward", err, captured=True)
             return None
         entry = self.entries[key] = _Entry(graph, st, flats=flats, grad_outs=grad_outs)
         self.captured += 1
@@ -391,6 +423,17 @@ def autocast_no_cache(device_type: str, state: tuple):
     casts would outlive the graph), and therefore off in the runs before it: the compiler guards on the
     flag, and a compile during a capture would fail."""
     return torch.autocast(device_type, dtype=state[1], enabled=state[0], cache_enabled=False)
+
+
+@contextlib.contextmanager
+def sync_errors():
+    """Synchronizing CUDA calls raise inside this block."""
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
 
 
 def uses_rng(layer) -> bool:

@@ -161,3 +161,40 @@ def test_cuda_graphed_layers_match_on_cuda(size):
         worst = max(float((g1[n] - g0[n]).norm() / g0[n].norm().clamp_min(1e-12)) for n in g0)
         assert worst < 1e-2, worst
     print(f"\n{size}: graphed vs not, losses {[s[0] for s in results[True]]} vs {[s[0] for s in results[False]]}")
+
+
+def test_layers_that_synchronize_run_without_graphs_on_cuda():
+    """Qwen2.5-VL's windowed vision attention reads window sizes on the host: the probe before capture
+    finds it, the vision blocks run without graphs, the decoder layers are graphed, and nothing breaks
+    (a capture that fails half-way would leave the RNG in capture mode: the randn below would raise)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from harness.checkpointing import enable_checkpointing
+    from harness.kernels import accelerate_model
+
+    text = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+    vision = dict(depth=2, hidden_size=64, out_hidden_size=128, intermediate_size=128, num_heads=4, window_size=112,
+                  fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=995, video_token_id=996,
+                           vision_start_token_id=997, vision_end_token_id=998)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj", "qkv", "fc1", "gate_proj"]))
+    model.train()
+    accelerate_model(model, {"enabled": True, "compile": True})
+    enable_checkpointing(model, "unsloth", torch.device("cuda"), graphs=True)
+    for seed in range(3):
+        batch = _batch(cfg)
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    lg = model.__dict__["_harness_offloader"].graphs
+    assert not lg.stopped, lg.summary()
+    assert lg.captured == 2 * cfg.text_config.num_hidden_layers, lg.summary()
+    assert any("VisionBlock" in f for f in lg.failures), lg.summary()
+    torch.randn(4, device="cuda")  # the CUDA RNG is usable
+    print("\n", lg.summary())

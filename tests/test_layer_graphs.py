@@ -166,8 +166,46 @@ def test_capture_failure_falls_back_once():
         inputs = dict(_inputs(seed), use_cache=False)
         _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs))
     assert graphs.captured == 0 and graphs.replays == 0
-    assert len(graphs.failures) == 4  # decoder and vision layer types, forward and backward: logged once each
-    assert all(v is None for v in graphs.entries.values()) and len(graphs.entries) == 2 * 3
+    # the first failed capture may leave CUDA state behind: nothing else is captured in the run
+    assert len(graphs.failures) == 1 and graphs.failures[0].endswith("(no further captures in this run)")
+    assert graphs.stopped and graphs.misses["graphs stopped after a failed capture"] > 0
+
+
+def test_layers_that_synchronize_are_found_before_capture(monkeypatch):
+    """A layer that reads a device value on the host fails the probe (torch's sync debug mode on CUDA;
+    here a stand-in guard), runs normally from then on, and nothing is captured for it."""
+    import contextlib
+
+    ref_model, model = _tiny_model(), _tiny_model()
+    ref_model.train()
+    graphs = _graphed(model, warmup=0)
+    probing = {"on": False}
+
+    @contextlib.contextmanager
+    def guard():
+        probing["on"] = True
+        try:
+            yield
+        finally:
+            probing["on"] = False
+
+    graphs._sync_guard = guard
+    mlp = model.base_model.model.model.visual.blocks[0].mlp
+    original = mlp.forward
+
+    def syncing_forward(*args, **kwargs):  # e.g. a .tolist() on a device tensor
+        if probing["on"]:
+            raise RuntimeError("called a synchronizing CUDA operation")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "forward", syncing_forward)
+    for seed in (91, 92, 93):
+        inputs = dict(_inputs(seed), use_cache=False)
+        _assert_same(_loss_and_grads(model, inputs), _loss_and_grads(ref_model, inputs))
+    assert graphs.captured == 2 * 2  # the decoder layers: forward + backward; the vision block: none
+    assert not graphs.stopped
+    assert sorted(f.split(":")[0] for f in graphs.failures) == ["Qwen2VLVisionBlock backward",
+                                                                   "Qwen2VLVisionBlock forward"]
 
 
 def test_new_shape_gets_its_own_graphs_and_the_limit_holds():
