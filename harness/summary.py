@@ -20,9 +20,17 @@ def format_summary(m: dict) -> str:
         ("tokens/s (train)", fmt(m.get("tokens_per_s"), ",.0f")),
         ("peak memory", f"{fmt(m.get('peak_memory_gib'), '.2f')} GiB ({m.get('peak_memory_kind', '')})"),
         ("accelerated modules", ", ".join(f"{k}: {v}" for k, v in (m.get("accelerated") or {}).items()) or "none"),
+        *([("CUDA graphs", _graphs_line(m["cuda_graphs"]))] if m.get("cuda_graphs") else []),
         ("wall time", f"{m['wall_s']:.1f} s (train {m['train_s']:.1f} s, eval {m.get('eval_s', 0):.1f} s)"),
         ("outputs", m["run_dir"]),
     ]
     w = max(len(k) for k, _ in rows)
     bar = "=" * (w + 50)
     return "\n".join([bar, "run summary", bar] + [f"{k.ljust(w)}  {v}" for k, v in rows] + [bar])
+
+
+def _graphs_line(g: dict) -> str:
+    line = f"{g['captured']} captured, {g['replays']:,} replays"
+    if g.get("failures"):
+        line += f"; {len(g['failures'])} layer type(s) without graphs: " + "; ".join(g["failures"])
+    return line

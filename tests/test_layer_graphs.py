@@ -260,3 +260,18 @@ def test_layer_call_reads_both_transformers_checkpoint_styles():
         assert got_layer is layer and kwargs == {"scale": 2.0}
         torch.testing.assert_close(f(got_layer, x, **kwargs), layer(x, scale=2.0))
     assert layer_call(lambda h: h) is None
+
+
+def test_run_summary_reports_the_graphs():
+    from harness.pipeline import _graphs_summary
+    from harness.summary import _graphs_line
+
+    model = _tiny_model()
+    graphs = _graphed(model)
+    for seed in (101, 102):
+        _loss_and_grads(model, dict(_inputs(seed), use_cache=False))
+    g = _graphs_summary(model)
+    assert g == graphs.summary() and g["captured"] == 6
+    assert _graphs_line(g) == "6 captured, 6 replays"
+    assert "1 layer type(s) without graphs: X forward: boom" in _graphs_line(dict(g, failures=["X forward: boom"]))
+    assert _graphs_summary(_tiny_model()) is None
