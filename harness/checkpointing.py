@@ -150,19 +150,17 @@ def layer_call(fn):
     if not isinstance(fn, functools.partial):
         return None
     func, args = fn.func, fn.args
-    if len(args) == 1 and isinstance(args[0], torch.nn.Module) and not inspect.ismethod(func):
-        layer, f = args[0], func
-    elif not args and inspect.ismethod(func) and isinstance(func.__self__, torch.nn.Module):
-        layer = func.__self__
-
-        def f(_layer, *a, **k):
-            return func(*a, **k)
-    else:
+    new_style = len(args) == 1 and isinstance(args[0], torch.nn.Module) and not inspect.ismethod(func)
+    old_style = not args and inspect.ismethod(func) and isinstance(func.__self__, torch.nn.Module)
+    if not (new_style or old_style):
         return None
+    layer = args[0] if new_style else func.__self__
     compiled = layer.__dict__.get("_harness_compiled_forward")
     if compiled is not None and getattr(layer, "_compiled_call_impl", None) is not None:
-        f = compiled
-    return layer, f, fn.keywords
+        return layer, compiled, fn.keywords
+    if new_style:
+        return layer, func, fn.keywords
+    return layer, (lambda _layer, *a, **k: func(*a, **k)), fn.keywords
 
 
 @torch.compiler.disable

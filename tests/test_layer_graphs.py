@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.checkpointing import enable_checkpointing
-from harness.layer_graphs import LayerGraphs, flatten, unflatten
+from harness.layer_graphs import flatten, unflatten
 
 from .kernels.test_patch import _inputs, _loss_and_grads, _tiny_model
 
