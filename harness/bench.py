@@ -93,7 +93,9 @@ def build(a):
 
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
-        graphs = not a.no_kernels and not a.no_graphs and a.compile_mode != "reduce-overhead"
+        from harness.layer_graphs import graphs_wanted
+
+        graphs = graphs_wanted(not a.no_kernels, not a.no_graphs, a.compile_mode)
         ckpt = enable_checkpointing(model, a.gc, torch.device(dev), graphs=graphs)
     else:
         ckpt = baseline_checkpointing(model, a.gc)
@@ -150,9 +152,11 @@ def run(a):
                mfu=round(flops_per_step(a) / med / rate, 3) if rate else None,
                matmul_tflops=round(rate / 1e12) if rate else None, loss_first=round(losses[0], 3),
                loss_last=round(losses[-1], 3), accelerated=accelerated)
-    offloader = model.__dict__.get("_harness_offloader")
-    if offloader is not None and offloader.graphs is not None:
-        row["cuda_graphs"] = offloader.graphs.summary()
+    from harness.checkpointing import graphs_summary
+
+    graphs = graphs_summary(model)
+    if graphs is not None:
+        row["cuda_graphs"] = graphs
     return row
 
 

@@ -208,4 +208,13 @@ def enable_checkpointing(model, mode: str, device: torch.device, force: bool = F
     return f"offloaded ({n} layers{', CUDA graphs' if layer_graphs is not None else ''})"
 
 
-__all__ = ["enable_checkpointing", "ActivationOffloader", "offloaded_checkpoint", "checkpoint"]
+def graphs_summary(model) -> dict | None:
+    """What the per-layer CUDA graphs did (harness.layer_graphs), when enable_checkpointing turned them on."""
+    for m in (model, getattr(model, "base_model", None)):
+        off = getattr(m, "__dict__", {}).get("_harness_offloader")
+        if off is not None and off.graphs is not None:
+            return off.graphs.summary()
+    return None
+
+
+__all__ = ["enable_checkpointing", "graphs_summary", "ActivationOffloader", "offloaded_checkpoint", "checkpoint"]

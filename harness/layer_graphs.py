@@ -58,7 +58,7 @@ def flatten(x, leaves: list) -> tuple:
         return (type(x) is list, tuple(flatten(v, leaves) for v in x))
     if type(x) is dict:
         return ("d", tuple((k, flatten(v, leaves)) for k, v in x.items()))
-    if isinstance(x, _PLAIN) and not torch.is_tensor(x):
+    if isinstance(x, _PLAIN):
         return ("v", x)
     raise _Ungraphable(type(x).__name__)
 
@@ -86,7 +86,7 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Statics:
-    """Static buffers of one stack and signature: inputs, outputs, output grads, input grad."""
+    """Static buffers of one stack and input layout: inputs, outputs, output grads, input grad."""
     inputs: list
     last_src: list  # per input: (source tensor, its version) last copied in: repeats are skipped
     outputs: list | None = None
@@ -122,9 +122,9 @@ class LayerGraphs:
         self._pool = None
         self.entries: dict = {}  # (id(layer), kind, signature) -> _Entry, or None when it failed
         self.seen: dict = {}  # same key -> normal runs so far
-        self.statics: dict = {}  # (layer class, signature) -> _Statics
+        self.statics: dict = {}  # (layer class, input layout) -> _Statics
         self.out_meta: dict = {}  # (id(layer), signature) -> (out desc, [output tensors' metadata])
-        self.signatures: dict = {}  # id(layer) -> set of signatures captured
+        self.signatures: dict = {}  # id(layer) -> input layouts captured (at most max_signatures)
         self._host_mods: dict = {}  # id(layer) -> its submodules with host state
         self.flat_bufs: dict = {}  # (layer class, trainable shapes) -> {dtype: flat gradient buffer}
         self.captured = 0
@@ -145,8 +145,7 @@ class LayerGraphs:
             return self._miss(f"argument of type {err}")
         if any(t.device.type != self.device.type for t in leaves):
             return self._miss("tensor on another device")
-        host = self._host_state(layer)
-        return layer, (desc, autocast, host), leaves
+        return (desc, autocast, self._host_state(layer)), leaves
 
     def _host_state(self, layer) -> tuple:
         """Host-side values the layer's forward reads besides its arguments: the patches-per-image that
@@ -202,13 +201,27 @@ class LayerGraphs:
             self.failures.append(msg)
             log.warning("CUDA graph capture failed, running this layer without graphs: %s", msg)
 
-    def _probe(self, body):
-        """Run ``body`` once, normally, with synchronizing CUDA calls turned into errors (torch's sync debug
-        mode): a layer that reads device values on the host (``.item()``, ``.tolist()``, copies from pageable
-        memory) or would compile again cannot be captured, and finding that out in a real capture would
-        leave the capture half-done. Raises on any such call."""
-        with self._sync_guard():
-            body()
+    def _capture(self, key, layer, kind, body):
+        """Probe ``body``, then capture it; the graph, or None (logged) when the layer cannot be captured.
+
+        The probe runs ``body`` once, normally, with synchronizing CUDA calls turned into errors (torch's
+        sync debug mode): a layer that reads device values on the host (``.item()``, ``.tolist()``, copies
+        from pageable memory) or would compile again cannot be captured, and finding that out in a real
+        capture would leave the capture half-done."""
+        try:
+            with self._sync_guard():
+                body()
+        except Exception as err:  # noqa: BLE001 - the layer cannot be captured: it runs normally
+            self._fail(key, layer, kind, err)
+            return None
+        try:
+            graph = self._factory(self._pool_handle())
+            graph.capture(body)
+        except Exception as err:  # noqa: BLE001
+            self._fail(key, layer, kind, err, captured=True)
+            return None
+        self.captured += 1
+        return graph
 
     # ------------------------------------------------------------------ forward (no grad)
     def forward(self, layer_call, hidden, rest):
@@ -219,7 +232,7 @@ class LayerGraphs:
         found = self._key(layer, kwargs, hidden, rest, autocast)
         if found is None:
             return MISS
-        layer, sig, leaves = found
+        sig, leaves = found
         key = (id(layer), "F", sig)
         entry = self.entries.get(key, MISS)
         if entry is None:
@@ -244,7 +257,7 @@ class LayerGraphs:
         except _Ungraphable:
             return
         # metadata only: holding the tensors would keep every layer's output alive until capture
-        self.out_meta[(id(layer), sig)] = (desc, [(t.shape, t.stride(), t.dtype) for t in leaves])
+        self.out_meta[(id(layer), sig)] = (desc, _layout(leaves))
 
     def _capture_forward(self, key, layer, call, sig, leaves, autocast):
         out_desc, out_examples = self.out_meta[(id(layer), sig)]
@@ -265,20 +278,11 @@ class LayerGraphs:
                 for dst, t in zip(st.outputs, got):
                     dst.copy_(t)
 
-        try:
-            self._probe(body)
-        except Exception as err:  # noqa: BLE001 - the layer cannot be captured: it runs normally
-            self._fail(key, layer, "forward", err)
-            return None
-        try:
-            graph = self._factory(self._pool_handle())
-            graph.capture(body)
-        except Exception as err:  # noqa: BLE001
-            self._fail(key, layer, "forward", err, captured=True)
+        graph = self._capture(key, layer, "forward", body)
+        if graph is None:
             return None
         self.out_meta.pop((id(layer), sig), None)
         entry = self.entries[key] = _Entry(graph, st, out_desc)
-        self.captured += 1
         return entry
 
     # ------------------------------------------------------------------ backward (recompute + backward)
@@ -293,7 +297,7 @@ class LayerGraphs:
         found = self._key(layer, kwargs, hidden, rest, autocast)
         if found is None:
             return MISS
-        layer, sig, leaves = found
+        sig, leaves = found
         mask = tuple(g is not None for g in grads)
         gleaves: list = []
         try:
@@ -378,19 +382,10 @@ class LayerGraphs:
                     else:
                         views[id(p)].copy_(g)
 
-        try:
-            self._probe(body)
-        except Exception as err:  # noqa: BLE001 - the layer cannot be captured: it runs normally
-            self._fail(key, layer, "backward", err)
-            return None
-        try:
-            graph = self._factory(self._pool_handle())
-            graph.capture(body)
-        except Exception as err:  # noqa: BLE001
-            self._fail(key, layer, "backward", err, captured=True)
+        graph = self._capture(key, layer, "backward", body)
+        if graph is None:
             return None
         entry = self.entries[key] = _Entry(graph, st, flats=flats, grad_outs=grad_outs)
-        self.captured += 1
         return entry
 
     def summary(self) -> dict:
@@ -449,11 +444,17 @@ def uses_rng(layer) -> bool:
     return r
 
 
+def graphs_wanted(kernels: bool, switch: bool, compile_mode: str) -> bool:
+    """Per-layer graphs come with the kernels and their switch; not with torch's own CUDA graphs
+    (``compile_mode=reduce-overhead``), which a capture cannot contain."""
+    return kernels and switch and compile_mode != "reduce-overhead"
+
+
 def graphs_supported(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
-__all__ = ["LayerGraphs", "MISS", "graphs_supported", "uses_rng", "flatten", "unflatten", "autocast_state",
+__all__ = ["LayerGraphs", "MISS", "graphs_supported", "graphs_wanted", "uses_rng", "flatten", "unflatten", "autocast_state",
            "autocast_no_cache"]

@@ -83,17 +83,9 @@ def accelerate(run: RunConfig, model) -> dict:
     return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
 
 
-def _graphs_summary(model) -> dict | None:
-    """What the per-layer CUDA graphs did (harness.layer_graphs), when they were on."""
-    for m in (model, getattr(model, "base_model", None)):
-        off = getattr(m, "__dict__", {}).get("_harness_offloader")
-        if off is not None and off.graphs is not None:
-            return off.graphs.summary()
-    return None
-
-
 def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     from harness import wandb_logger
+    from harness.checkpointing import graphs_summary
     from harness.evaluate import evaluate
     from harness.provenance import environment
     from harness.summary import format_summary
@@ -161,7 +153,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         trainable_by_component=plan.per_component() if plan is not None else None,
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
         peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
-        cuda_graphs=_graphs_summary(model),
+        cuda_graphs=graphs_summary(model),
         train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
         host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""),
         world_size=int(os.environ.get("WORLD_SIZE", 1)), status="ok",

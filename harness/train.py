@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback
 
 from harness.checkpointing import enable_checkpointing
+from harness.layer_graphs import graphs_wanted
 from harness.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
     k = run.kernels
-    graphs = k.enabled != "false" and k.cuda_graphs != "false" and k.compile_mode != "reduce-overhead"
+    graphs = graphs_wanted(k.enabled != "false", k.cuda_graphs != "false", k.compile_mode)
     checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device, graphs=graphs)
     log.info("gradient checkpointing: %s", checkpointing)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}

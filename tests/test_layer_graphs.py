@@ -263,7 +263,7 @@ def test_layer_call_reads_both_transformers_checkpoint_styles():
 
 
 def test_run_summary_reports_the_graphs():
-    from harness.pipeline import _graphs_summary
+    from harness.checkpointing import graphs_summary as _graphs_summary
     from harness.summary import _graphs_line
 
     model = _tiny_model()
