@@ -57,35 +57,54 @@ def _rms_fwd_kernel(
 def _rms_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL,
     stride_dy, stride_x, stride_dx,
-    n_rows, n_cols, rows_per_program,
+    n_rows, n_cols, blocks_per_program,
     OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # Each program owns ``blocks_per_program`` consecutive tiles of BLOCK_M rows: a [BLOCK_M, BLOCK]
+    # tile per step keeps BLOCK_M rows of loads in flight (one row at a time was latency-bound:
+    # 56-63% of copy bandwidth on an H100); dW is accumulated per program in fp32.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    cmask = cols < n_cols
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     if OFFSET:
         w = w + 1.0
-    dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
-    row_start = pid * rows_per_program
-    for i in range(0, rows_per_program):
-        row = row_start + i
-        if row < n_rows:
-            row64 = row.to(tl.int64)
-            x = tl.load(X + row64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row64)
-            h = x * rstd
-            if OFFSET:
-                dw_acc += dy * h
-            else:
-                dw_acc += dy * h.to(X.dtype.element_ty).to(tl.float32)
-            dh = dy * w
-            c = tl.sum(dh * h, axis=0) / n_cols
-            dx = rstd * (dh - h * c)
-            tl.store(DX + row64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=mask)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    first = pid * blocks_per_program * BLOCK_M
+    for i in range(0, blocks_per_program):
+        rows = first + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        mask = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
+        h = x * rstd[:, None]
+        if OFFSET:
+            dw_acc += dy * h
+        else:
+            dw_acc += dy * h.to(X.dtype.element_ty).to(tl.float32)
+        dh = dy * w[None, :]
+        c = tl.sum(dh * h, axis=1) / n_cols
+        dx = rstd[:, None] * (dh - h * c[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+
+
+# Backward launch shape per padded row width: (rows per tile, programs per SM, warps). Tiles of
+# ~4K elements keep x, dy, h and dx in registers; several programs per SM hide load latency; the
+# fp32 dW partials (one row per program) stay a few MB. benchmarks/kernels_bench.py --tune-rms
+# sweeps these on a GPU and prints the best; set BWD_CONFIG[block] to try others.
+BWD_CONFIG: dict[int, tuple[int, int, int]] = {}
+
+
+def _bwd_config(block: int) -> tuple[int, int, int]:
+    if block in BWD_CONFIG:
+        return BWD_CONFIG[block]
+    block_m = max(1, min(16, 4096 // block))
+    return block_m, 4, _warps(block * block_m)
 
 
 def _warps(block: int) -> int:
@@ -125,17 +144,19 @@ class RMSNormFunction(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty((n_rows, n_cols), dtype=ctx.x_dtype, device=x2.device)
-        n_prog = max(1, min(n_rows, num_sms(x2.device) * 4))
-        rows_per_program = triton.cdiv(max(n_rows, 1), n_prog)
-        n_prog = triton.cdiv(max(n_rows, 1), rows_per_program)
-        dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
         block = next_pow2(n_cols)
+        block_m, per_sm, warps = _bwd_config(block)
+        n_blocks = triton.cdiv(max(n_rows, 1), block_m)
+        n_prog = max(1, min(n_blocks, num_sms(x2.device) * per_sm))
+        blocks_per_program = triton.cdiv(n_blocks, n_prog)
+        n_prog = triton.cdiv(n_blocks, blocks_per_program)
+        dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows > 0:
             _rms_bwd_kernel[(n_prog,)](
                 dy2, x2, w, rstd, dx, dw_partial,
                 dy2.stride(0), x2.stride(0), dx.stride(0),
-                n_rows, n_cols, rows_per_program,
-                OFFSET=ctx.offset, BLOCK=block, num_warps=_warps(block),
+                n_rows, n_cols, blocks_per_program,
+                OFFSET=ctx.offset, BLOCK_M=block_m, BLOCK=block, num_warps=warps,
             )
             dw = dw_partial.sum(0).to(w.dtype)
         else:

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ._triton_utils import jit, next_pow2, tl, use_triton
+from ._triton_utils import jit, next_pow2, tl, triton, use_triton
 
 __all__ = [
     "apply_rotary_pos_emb",
@@ -83,44 +83,67 @@ def mrope_cos_sin(
 
 
 @jit
-def _rope_kernel(
-    X, COS, SIN, Y,
-    seq_len, n_heads,
-    sx_b, sx_h, sx_s,
-    sy_b, sy_h, sy_s,
-    sc_b, sc_s,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def _rope_tile(
+    X, Y, COS, SIN, pid, n_pos, seq_len, n_heads,
+    sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, sc_b, sc_s,
+    HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr,
     BACKWARD: tl.constexpr,
 ):
-    # one program per (batch, position); all heads of that position in one tile
-    pid = tl.program_id(0)
-    b = (pid // seq_len).to(tl.int64)
-    s = (pid % seq_len).to(tl.int64)
+    # rows of the tile = (position, head) pairs: BLOCK_S positions x BLOCK_H (padded) heads
+    r = tl.arange(0, BLOCK_S * BLOCK_H)
+    p = pid * BLOCK_S + r // BLOCK_H
+    h = (r % BLOCK_H).to(tl.int64)
+    rmask = (p < n_pos) & (h < n_heads)
+    b = (p // seq_len).to(tl.int64)
+    s = (p % seq_len).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
-    dmask = d < HALF
-    c_base = b * sc_b + s * sc_s
-    cos1 = tl.load(COS + c_base + d, mask=dmask, other=0.0).to(tl.float32)
-    cos2 = tl.load(COS + c_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(SIN + c_base + d, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(SIN + c_base + HALF + d, mask=dmask, other=0.0).to(tl.float32)
-    for h0 in range(0, n_heads, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
-        mask = (h[:, None] < n_heads) & dmask[None, :]
-        x_off = b * sx_b + s * sx_s + h[:, None].to(tl.int64) * sx_h + d[None, :]
-        y_off = b * sy_b + s * sy_s + h[:, None].to(tl.int64) * sy_h + d[None, :]
-        x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-        if BACKWARD:
-            # transpose of y = x*cos + rotate_half(x)*sin
-            y1 = x1 * cos1[None, :] + x2 * sin2[None, :]
-            y2 = x2 * cos2[None, :] - x1 * sin1[None, :]
-        else:
-            y1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-            y2 = x2 * cos2[None, :] + x1 * sin2[None, :]
-        tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=mask)
-        tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+    mask = rmask[:, None] & (d < HALF)[None, :]
+    c_off = (b * sc_b + s * sc_s)[:, None] + d[None, :]
+    cos1 = tl.load(COS + c_off, mask=mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + c_off, mask=mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + c_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    x_off = (b * sx_b + s * sx_s + h * sx_h)[:, None] + d[None, :]
+    y_off = (b * sy_b + s * sy_s + h * sy_h)[:, None] + d[None, :]
+    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # transpose of y = x*cos + rotate_half(x)*sin
+        y1 = x1 * cos1 + x2 * sin2
+        y2 = x2 * cos2 - x1 * sin1
+    else:
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    tl.store(Y + y_off, y1.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + y_off + HALF, y2.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_qk_kernel(
+    Q, K, COS, SIN, QO, KO,
+    n_pos, seq_len, n_q, n_k,
+    sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s,
+    sk_b, sk_h, sk_s, sko_b, sko_h, sko_s,
+    sc_b, sc_s,
+    HALF: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BACKWARD: tl.constexpr,
+):
+    # One launch for q and k; each program takes BLOCK_S positions, all heads of both. (One
+    # program per position and tensor was launch- and latency-bound at 12 + 2 heads: 74% of copy.)
+    pid = tl.program_id(0)
+    _rope_tile(Q, QO, COS, SIN, pid, n_pos, seq_len, n_q, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, sc_b, sc_s,
+               HALF, BLOCK_D, BLOCK_HQ, BLOCK_S, BACKWARD)
+    _rope_tile(K, KO, COS, SIN, pid, n_pos, seq_len, n_k, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, sc_b, sc_s,
+               HALF, BLOCK_D, BLOCK_HK, BLOCK_S, BACKWARD)
+
+
+def _qk_compatible(q: torch.Tensor, k: torch.Tensor, unsqueeze_dim: int) -> bool:
+    qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
+    return qv.shape[0] == kv.shape[0] and qv.shape[2:] == kv.shape[2:]
 
 
 def _as_bhsd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -128,48 +151,66 @@ def _as_bhsd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     return x if unsqueeze_dim == 1 else x.transpose(1, 2)
 
 
-def _rope_launch(x, cos, sin, unsqueeze_dim: int, backward: bool, out_dtype: torch.dtype):
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    xv, yv = _as_bhsd(x, unsqueeze_dim), _as_bhsd(y, unsqueeze_dim)
-    bsz, n_heads, seq, dim = xv.shape
+# elements of q per program: ~8K (positions x padded heads x head_dim); benchmarks sweep it
+ELEMS_PER_PROGRAM = 8192
+
+
+def _rope_launch(q, k, cos, sin, unsqueeze_dim: int, backward: bool, dtypes):
+    """RoPE (or its transpose) of q and k in one kernel launch; returns new tensors."""
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    k = k if k.stride(-1) == 1 else k.contiguous()
+    qo = torch.empty(q.shape, dtype=dtypes[0], device=q.device)
+    ko = torch.empty(k.shape, dtype=dtypes[1], device=k.device)
+    qv, kv = _as_bhsd(q, unsqueeze_dim), _as_bhsd(k, unsqueeze_dim)
+    qov, kov = _as_bhsd(qo, unsqueeze_dim), _as_bhsd(ko, unsqueeze_dim)
+    bsz, n_q, seq, dim = qv.shape
+    n_k = kv.shape[1]
+    if kv.shape[0] != bsz or kv.shape[2] != seq or kv.shape[3] != dim:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch, seq or head_dim")
     half = dim // 2
     cos = cos.expand(bsz, seq, dim)
     sin = sin.expand(bsz, seq, dim)
     if cos.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     block_d = next_pow2(half)
-    block_h = min(next_pow2(n_heads), max(1, 4096 // block_d))
-    if bsz * seq > 0:
-        _rope_kernel[(bsz * seq,)](
-            xv, cos, sin, yv, seq, n_heads,
-            xv.stride(0), xv.stride(1), xv.stride(2),
-            yv.stride(0), yv.stride(1), yv.stride(2),
+    block_hq, block_hk = next_pow2(n_q), next_pow2(n_k)
+    per_pos = block_hq * 2 * block_d
+    block_s = 1 << max(0, min(6, (ELEMS_PER_PROGRAM // per_pos).bit_length() - 1))  # a power of two
+    n_pos = bsz * seq
+    if n_pos > 0:
+        _rope_qk_kernel[(triton.cdiv(n_pos, block_s),)](
+            qv, kv, cos, sin, qov, kov, n_pos, seq, n_q, n_k,
+            qv.stride(0), qv.stride(1), qv.stride(2), qov.stride(0), qov.stride(1), qov.stride(2),
+            kv.stride(0), kv.stride(1), kv.stride(2), kov.stride(0), kov.stride(1), kov.stride(2),
             cos.stride(0), cos.stride(1),
-            HALF=half, BLOCK_H=block_h, BLOCK_D=block_d, BACKWARD=backward,
-            num_warps=4,
+            HALF=half, BLOCK_D=block_d, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_S=block_s,
+            BACKWARD=backward, num_warps=4 if block_s * block_hq * block_d <= 4096 else 8,
         )
-    return y
+    return qo, ko
 
 
 class RoPEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, unsqueeze_dim):
-        qo = _rope_launch(q, cos, sin, unsqueeze_dim, False, torch.result_type(q, cos))
-        ko = _rope_launch(k, cos, sin, unsqueeze_dim, False, torch.result_type(k, cos))
+        qo, ko = _rope_launch(q, k, cos, sin, unsqueeze_dim, False,
+                              (torch.result_type(q, cos), torch.result_type(k, cos)))
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim = unsqueeze_dim
         ctx.dtypes = (q.dtype, k.dtype)
+        ctx.shapes = (q.shape, k.shape)
         return qo, ko
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         u = ctx.unsqueeze_dim
-        dq = _rope_launch(dq, cos, sin, u, True, ctx.dtypes[0]) if dq is not None else None
-        dk = _rope_launch(dk, cos, sin, u, True, ctx.dtypes[1]) if dk is not None else None
-        return dq, dk, None, None, None
+        if dq is None and dk is None:
+            return None, None, None, None, None
+        # a missing gradient (q or k unused downstream) is a zero gradient
+        dq_in = dq if dq is not None else torch.zeros(ctx.shapes[0], dtype=ctx.dtypes[0], device=cos.device)
+        dk_in = dk if dk is not None else torch.zeros(ctx.shapes[1], dtype=ctx.dtypes[1], device=cos.device)
+        dq_out, dk_out = _rope_launch(dq_in, dk_in, cos, sin, u, True, ctx.dtypes)
+        return (dq_out if dq is not None else None), (dk_out if dk is not None else None), None, None, None
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
@@ -180,6 +221,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
         and k.dim() == 4
         and cos.dim() == 3
         and q.shape[-1] % 2 == 0
+        and _qk_compatible(q, k, unsqueeze_dim)
         and use_triton(q, k, cos, sin)
         and not (cos.requires_grad or sin.requires_grad)
     ):

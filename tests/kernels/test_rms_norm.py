@@ -45,6 +45,18 @@ def test_rms_norm_fp16(seed, cpu_interp, close, offset):
     close(dw, dwr, 1e-2, 5e-2, "dw")
 
 
+@pytest.mark.parametrize("n_rows", [701, 64])
+def test_rms_norm_backward_many_programs_ragged_tail(seed, cpu_interp, close, n_rows):
+    # several programs, several row tiles each, a last tile cut short: dX rows and the dW partial sums
+    x = torch.randn(n_rows, 67, requires_grad=True)
+    w = (torch.randn(67) * 0.5 + 1.0).requires_grad_(True)
+    dy = torch.randn(n_rows, 67)
+    dx, dw = torch.autograd.grad(RMSNormFunction.apply(x, w, 1e-6, False), (x, w), dy)
+    dxr, dwr = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, False), (x, w), dy)
+    close(dx, dxr, 1e-5, 1e-5, "dx")
+    close(dw, dwr, 1e-4, 1e-5, "dw")
+
+
 def test_rms_norm_matches_hf_modules(cpu_interp, close):
     from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm

@@ -38,6 +38,20 @@ def test_rope_fp32(seed, cpu_interp, close, layout):
         close(a, b, 1e-5, 1e-5, n)
 
 
+def test_rope_gradient_of_q_only(seed, cpu_interp, close):
+    # k unused downstream: its gradient is None, q's is still the transposed rotation
+    bsz, hq, hk, seq, dim = 2, 6, 2, 37, 16
+    cos, sin = _cos_sin(bsz, seq, dim, torch.float32)
+    q = torch.randn(bsz, hq, seq, dim, requires_grad=True)
+    k = torch.randn(bsz, hk, seq, dim, requires_grad=True)
+    go = torch.randn(q.shape)
+    qo, _ = RoPEFunction.apply(q, k, cos, sin, 1)
+    (dq,) = torch.autograd.grad(qo, (q,), go)
+    qr, _ = apply_rotary_pos_emb_reference(q, k, cos, sin, 1)
+    (dqr,) = torch.autograd.grad(qr, (q,), go)
+    close(dq, dqr, 1e-5, 1e-5, "dq")
+
+
 def test_rope_fp16(seed, cpu_interp, close):
     bsz, hq, hk, seq, dim = 1, 5, 1, 13, 32
     cos, sin = _cos_sin(bsz, seq, dim, torch.float16, section=(4, 6, 6))
