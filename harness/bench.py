@@ -129,29 +129,44 @@ def run(a):
     data = make_batch(a, a.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    from harness.memtrace import StepMemory
+
+    mem = StepMemory(a.device)
     times, losses, first = [], [], None
     for i in range(a.warmup + a.steps):
+        trace = getattr(a, "mem_trace", False) and cuda and i == a.warmup
+        if trace:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         _sync(a.device)
+        mem.begin()
         t = time.perf_counter()
         loss = _step(model, opt, data)
         _sync(a.device)
+        mem.end()
         losses.append(loss.item())
         if i == 0:
             first = time.perf_counter() - t  # includes compilation when layers are compiled
         if i >= a.warmup:
             times.append(time.perf_counter() - t)
+        if trace:
+            from harness.memtrace import format_breakdown, peak_breakdown
+
+            snap = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print(format_breakdown(peak_breakdown(snap)), file=sys.stderr, flush=True)
     med = statistics.median(times)
     rate = matmul_rate() if cuda else None
     row = dict(stack=a.stack, model=a.model, gc=ckpt, batch=a.batch, tokens=a.tokens, r=a.r,
                gpu=torch.cuda.get_device_name() if cuda else "cpu",
                median_step_s=round(med, 4), first_step_s=round(first, 2), tokens_per_s=round(a.batch * a.tokens / med),
-               peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+               peak_gib=None,
                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
                after_load_gib=round(mem_load / 2**30, 2) if cuda else None,
                trainable=sum(p.numel() for p in params),
                mfu=round(flops_per_step(a) / med / rate, 3) if rate else None,
                matmul_tflops=round(rate / 1e12) if rate else None, loss_first=round(losses[0], 3),
                loss_last=round(losses[-1], 3), accelerated=accelerated)
+    row.update(mem.summary(timed_from=a.warmup))  # peak_gib, activation_peak_gib, graph_pool_gib
     from harness.checkpointing import graphs_summary
 
     graphs = graphs_summary(model)
@@ -369,6 +384,8 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tiny models)")
     ap.add_argument("--longest", action="store_true", help="search the longest sequence that fits at batch 1")
     ap.add_argument("--max-tokens", type=int, default=65536, help="--longest: upper end of the search")
+    ap.add_argument("--mem-trace", action="store_true",
+                    help="record the first timed step's allocations and print what is alive at its peak")
     ap.add_argument("--only", default=None, help="comma-separated indices of PLAN to run with --all")
     a = ap.parse_args()
     if a.profile:

@@ -101,8 +101,9 @@ def _ce_chunk_kernel(
 
 
 def _default_chunk(n: int, v: int, h: int, elem: int) -> int:
-    # chunk logits of ~ 256-512 MiB, and at least as many rows as make a full GEMM
-    budget = 512 * 2**20
+    # chunk logits of ~ 128-256 MiB (the chunk is the loss's whole transient memory), and at least
+    # 256 rows, enough for a GEMM that fills the GPU
+    budget = 256 * 2**20
     c = max(256, budget // max(1, v * elem))
     c = 1 << (c.bit_length() - 1)
     return max(1, min(n, c))
@@ -122,14 +123,22 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             h2 = h2.to(cdt)
         W = weight if weight.dtype == cdt else weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
+        keep = lab != ignore_index
+        n_keep = int(keep.sum().item())  # one host sync (the mean's denominator needs it anyway)
         if denom is None:
-            denom_val = float((lab != ignore_index).sum().item())
+            denom_val = float(n_keep)
         else:
             denom_val = float(denom.item()) if torch.is_tensor(denom) else float(denom)
         inv_n = 1.0 / max(denom_val, 1.0) if denom is None else 1.0 / denom_val
         need_w = weight.requires_grad
         need_h = hidden.requires_grad
         need_b = bias is not None and bias.requires_grad
+        # rows whose label is ignored contribute nothing (loss 0, gradient 0): leave them out of the
+        # logits GEMMs (image and prompt tokens are often a quarter or more of a VLM batch)
+        rows = keep.nonzero().squeeze(1) if n_keep < N else None
+        dh_full = torch.zeros((N, H), dtype=cdt, device=dev) if (need_h and rows is not None) else None
+        if rows is not None:
+            h2, lab, N = h2.index_select(0, rows), lab.index_select(0, rows), n_keep
         dh = torch.empty((N, H), dtype=cdt, device=dev) if need_h else None
         dw = torch.zeros((V, H), dtype=cdt, device=dev) if need_w else None  # accumulated in cdt
         dbias = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
@@ -158,6 +167,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     dbias += logits.float().sum(0)
                 del logits
         loss = losses.sum()
+        if rows is not None and need_h:
+            dh = dh_full.index_copy_(0, rows, dh)
         ctx.save_for_backward(dh, dw, dbias)
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
