@@ -125,15 +125,64 @@ def bench_rms(copy_bw, N, H):
     row("rms_norm fwd", f"[{N},{H}]", f, 2 * N * H * 2 + H * 2, copy_bw)
     fb = both(lambda: torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), dy))
     row("rms_norm fwd+bwd", f"[{N},{H}]", fb, 5 * N * H * 2, copy_bw)
-    # bwd reads dy, x, rstd and writes dx (dW partials are small)
-    row("rms_norm bwd", f"[{N},{H}]", fb[0] - f[0], 3 * N * H * 2 + 4 * N, copy_bw, "(fwd+bwd minus fwd)",
-        gms=(fb[1] - f[1]) if (fb[1] and f[1]) else None)
+    # the backward alone, on a retained graph: reads dy, x, rstd, writes dx (+ the small dW partial sum)
+    b = both(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True))
+    row("rms_norm bwd", f"[{N},{H}]", b, 3 * N * H * 2 + 4 * N, copy_bw, "(backward alone, dW sum included)")
     row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", both(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy)))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
     yr = rms_norm_reference(x32, w32, 1e-6)
     dxr, dwr = torch.autograd.grad(yr, (x32, w32), dy.float())
     check(f"rms_norm y/dx/dw H={H}", max(rel(y, yr), rel(dx, dxr), rel(dw, dwr)), 1e-2)
+
+
+def tune_rms(copy_bw, N, H):
+    """Sweep the backward's launch shape (rows per tile, programs per SM, warps); print each, keep the best."""
+    from harness.kernels import rms_norm as rms_mod
+
+    mod = __import__("harness.kernels.rms_norm", fromlist=["BWD_CONFIG"])
+    x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
+    w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(True)
+    dy = torch.randn(N, H, device=DEV, dtype=DT)
+    block = 1 << (H - 1).bit_length()
+    res = []
+    for bm in (1, 2, 4, 8):
+        for per_sm in (2, 4, 8):
+            for warps in (4, 8, 16):
+                if bm * block // (32 * warps) < 1:
+                    continue
+                mod.BWD_CONFIG[block] = (bm, per_sm, warps)
+                y = rms_mod(x, w, 1e-6)
+                t = gbench(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), iters=20)
+                if t:
+                    res.append((t, bm, per_sm, warps))
+    mod.BWD_CONFIG.pop(block, None)
+    res.sort()
+    nbytes = 3 * N * H * 2 + 4 * N
+    for t, bm, per_sm, warps in res[:5]:
+        print(f"  tune rms bwd H={H}: rows/tile {bm} programs/SM {per_sm} warps {warps}: {t:.4f} ms "
+              f"{nbytes / t / 1e6:.0f} GB/s {100 * nbytes / t / 1e6 / copy_bw:.0f}%", flush=True)
+    print(f"  tune rms bwd H={H}: default {mod._bwd_config(block)}", flush=True)
+
+
+def tune_rope(copy_bw, N, H):
+    mod = __import__("harness.kernels.rope", fromlist=["ELEMS_PER_PROGRAM"])
+    D = 128
+    hq, hk = H // D, max(2, H // D // 7)
+    B, S = 4, N // 4
+    inv_freq = 1.0 / (1000000 ** (torch.arange(0, D, 2, dtype=torch.float, device=DEV) / D))
+    cos, sin = mrope_cos_sin(torch.randint(0, 4096, (3, B, S), device=DEV), inv_freq, [16, 24, 24], dtype=DT)
+    q = torch.randn(B, S, hq, D, device=DEV, dtype=DT).transpose(1, 2)
+    k = torch.randn(B, S, hk, D, device=DEV, dtype=DT).transpose(1, 2)
+    nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
+    default = mod.ELEMS_PER_PROGRAM
+    for e in (1024, 2048, 4096, 8192, 16384, 32768):
+        mod.ELEMS_PER_PROGRAM = e
+        t = gbench(lambda: apply_rotary_pos_emb(q, k, cos, sin), iters=20)
+        if t:
+            print(f"  tune rope H={H}: elements/program {e}: {t:.4f} ms {nbytes / t / 1e6:.0f} GB/s "
+                  f"{100 * nbytes / t / 1e6 / copy_bw:.0f}%", flush=True)
+    mod.ELEMS_PER_PROGRAM = default
 
 
 def bench_rope(copy_bw, N, H):
@@ -190,7 +239,13 @@ def bench_nf4(copy_bw, M, K):
     n = M * K
     nbytes = n // 2 + n * 2 + qs.absmax.numel() + qs.state2.absmax.numel() * 4
     out = torch.empty(M, K, device=DEV, dtype=DT)
-    row("nf4 dequant (double-quant)", f"[{M},{K}] bs64", both(lambda: dequantize_nf4(packed, qs, out=out)), nbytes, copy_bw)
+    # a copy moving the same bytes (half read, half written): small tensors do not reach the 1 GiB rate
+    src = torch.empty(nbytes // 4, device=DEV, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    same = gbench(lambda: dst.copy_(src), iters=20)
+    same_note = f"copy of the same bytes: {nbytes / same / 1e6:.0f} GB/s" if same else ""
+    row("nf4 dequant (double-quant)", f"[{M},{K}] bs64", both(lambda: dequantize_nf4(packed, qs, out=out)), nbytes, copy_bw,
+        same_note)
     row("nf4 dequant bitsandbytes", f"[{M},{K}] bs64", both(lambda: bnbf.dequantize_4bit(packed, qs, quant_type="nf4")), nbytes, copy_bw)
     check(f"nf4 vs bnb [{M},{K}]", rel(dequantize_nf4(packed, qs), bnbf.dequantize_4bit(packed, qs, quant_type="nf4")), 1e-3)
     return packed, qs
@@ -295,7 +350,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", default="rms,rope,gated,nf4,lora,ce",
+                    help="comma-separated groups: rms, rope, gated, nf4, lora, ce")
+    ap.add_argument("--tune", action="store_true", help="sweep the RMSNorm backward and RoPE launch shapes first")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     assert torch.cuda.is_available(), "needs CUDA"
     torch.backends.cuda.matmul.allow_tf32 = False
     t0 = time.time()
@@ -306,31 +365,39 @@ def main():
     N = 8192
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
-    for H in hiddens:
-        bench_rms(copy_bw, N, H)
-    for H in hiddens:
-        bench_rope(copy_bw, N, H)
-    for H in hiddens:
-        for act in ("silu", "gelu_tanh"):
-            bench_gated(copy_bw, N, inters[H], act)
+    if args.tune:
+        for H in hiddens:
+            tune_rms(copy_bw, N, H)
+            tune_rope(copy_bw, N, H)
+    if "rms" in only:
+        for H in hiddens:
+            bench_rms(copy_bw, N, H)
+    if "rope" in only:
+        for H in hiddens:
+            bench_rope(copy_bw, N, H)
+    if "gated" in only:
+        for H in hiddens:
+            for act in ("silu", "gelu_tanh"):
+                bench_gated(copy_bw, N, inters[H], act)
     nf4 = {}
-    for H in hiddens:
-        nf4[H] = bench_nf4(copy_bw, H, H)
-        bench_nf4(copy_bw, inters[H], H)
-    lora_res = {}
-    for H in hiddens:
-        lora_res[(H, H)] = bench_lora(N, H, H, nf4=nf4[H])
-    lora_res[(3584, 18944)] = bench_lora(N, 3584, 18944)
-    lora_res[(18944, 3584)] = bench_lora(N, 18944, 3584)
-    bench_lora(N, 3584, 3584, adapter_dtype=torch.float32)
-    for H in hiddens:
-        bench_lora_qkv(N, H)
-    ce = {}
-    for H in hiddens:
-        ce[H] = bench_ce(N, H, 151936)
-    bench_ce(N, 1536, 151936, weight_grad=True)
-    if not args.quick:
-        bench_ce(2048, 1536, 262144)
+    if "nf4" in only:
+        for H in hiddens:
+            nf4[H] = bench_nf4(copy_bw, H, H)
+            bench_nf4(copy_bw, inters[H], H)
+    if "lora" in only:
+        for H in hiddens:
+            bench_lora(N, H, H, nf4=nf4.get(H))
+        bench_lora(N, 3584, 18944)
+        bench_lora(N, 18944, 3584)
+        bench_lora(N, 3584, 3584, adapter_dtype=torch.float32)
+        for H in hiddens:
+            bench_lora_qkv(N, H)
+    if "ce" in only:
+        for H in hiddens:
+            bench_ce(N, H, 151936)
+        bench_ce(N, 1536, 151936, weight_grad=True)
+        if not args.quick:
+            bench_ce(2048, 1536, 262144)
     print(f"\n# done in {time.time() - t0:.0f} s\n")
     print(f"## {name}; copy bandwidth {copy_bw:.0f} GB/s\n")
     print("| kernel | shape | time ms (do_bench) | GPU kernel ms (profiler) | GB/s | % copy | note |")

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Source this on the lent GPU machine (repo root, `.whl` carried): installs the carried wheels into
+# /tmp/site and the project itself (editable), with no package index.
+#   .whl/w      hydra-core, omegaconf, trl, datasets, multiprocess, dill, bitsandbytes (pip download, see
+#               docs/benchmarks.md); .whl/peers: benchmarks/fetch_peer_wheels.sh; .whl/site: pure-Python
+#               packages that PyPI has no wheel for (antlr4-python3-runtime 4.9.3), copied from a local venv.
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/w/*.whl .whl/peers/*.whl 2>&1 | tail -3
+cp -r .whl/site/. /tmp/site/
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . 2>&1 | tail -3
+python3 -c "import harness.kernels, hydra, trl, bitsandbytes, torch; print('device setup ok', torch.__version__, torch.cuda.get_device_name())"
