@@ -91,7 +91,8 @@ def build(a):
         if not a.no_kernels:
             from harness.kernels import accelerate_model
 
-            cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode}
+            cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode,
+                   "tiled_mlp": not getattr(a, "no_tiled_mlp", False)}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
         from harness.layer_graphs import graphs_wanted
 
@@ -375,6 +376,7 @@ def main():
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
     ap.add_argument("--no-graphs", action="store_true", help="no per-layer CUDA graphs (harness stacks)")
+    ap.add_argument("--no-tiled-mlp", action="store_true", help="harness stacks: the compiled MLP untiled")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
     ap.add_argument("--steps", type=int, default=10)

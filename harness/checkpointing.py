@@ -19,6 +19,7 @@ import inspect
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from harness.kernels.tiled_mlp import recomputing
 from harness.layer_graphs import MISS, autocast_no_cache, autocast_state, uses_rng
 
 
@@ -126,6 +127,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                     torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
             stack.enter_context(torch.enable_grad())
             stack.enter_context(autocast_no_cache(ctx.dev, ctx.autocast))
+            stack.enter_context(recomputing())
             if call is None:
                 out = ctx.fn(hidden, *rest)
             else:
@@ -163,6 +165,10 @@ def layer_call(fn):
     return layer, (lambda _layer, *a, **k: func(*a, **k)), fn.keywords
 
 
+def _recompute_contexts():
+    return contextlib.nullcontext(), recomputing()
+
+
 @torch.compiler.disable
 def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     """The checkpoint function transformers' GradientCheckpointingLayer calls: fn(hidden, *rest).
@@ -172,7 +178,7 @@ def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     if not torch.is_grad_enabled():
         return fn(*args)
     if not args or not torch.is_tensor(args[0]):  # no positional hidden state to offload
-        return checkpoint(fn, *args, use_reentrant=False)
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
     return _OffloadedCheckpoint.apply(fn, offloader, *args)
 
 
@@ -183,7 +189,10 @@ def enable_checkpointing(model, mode: str, device: torch.device, force: bool = F
     CUDA graphs (harness.layer_graphs)."""
     if mode == "false":
         return "off"
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the recompute runs under `recomputing()`: MLPs that end their layer skip their forward value there
+    # (harness.kernels.tiled_mlp); the first forward runs as usual
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                       "context_fn": _recompute_contexts})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if mode != "unsloth":

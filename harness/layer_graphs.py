@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from harness.kernels.tiled_mlp import recomputing
+
 log = logging.getLogger(__name__)
 
 MISS = object()  # "not graphed: run the layer normally"
@@ -364,7 +366,7 @@ class LayerGraphs:
         desc = sig[0]
 
         def body():
-            with torch.enable_grad(), autocast_no_cache(self.device.type, autocast):
+            with torch.enable_grad(), autocast_no_cache(self.device.type, autocast), recomputing():
                 args, kwargs = unflatten(desc, iter(st.inputs))
                 h = args[0].detach().requires_grad_(needs_h)
                 out = recompute(layer, h, *args[1:], **kwargs)

@@ -37,9 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .nf4_dequant import dequantize_nf4_op, quant_state_tensors
-from .patch import _lora_call_args, _original_forward, _swap_forward, swap_lora_forward
+from .patch import _lora_call_args, _mlp_act, _original_forward, _swap_forward, swap_lora_forward
+from .tiled_mlp import _STATE as tiled_mlp_state
+from .tiled_mlp import mlp_ends_layer, tiled_gated_mlp
 
-__all__ = ["prepare_for_compile", "compile_layers", "uncompile_layers", "lean_lora_forward"]
+__all__ = ["prepare_for_compile", "compile_layers", "uncompile_layers", "lean_lora_forward", "tiled_mlp_forward"]
 
 _SEG = "_harness_seg_len"  # attention-module attribute: patches per image, or None
 
@@ -128,8 +130,11 @@ def _batched_vision_attention(self, hidden_states, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- entry points
-def prepare_for_compile(model: nn.Module, want_lora: bool = True) -> dict:
-    """Swap the compiler-friendly forwards in; return ``{what: [module names]}``."""
+def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: bool = True) -> dict:
+    """Swap the compiler-friendly forwards in; return ``{what: [module names]}``.
+
+    ``tiled_mlp``: gated MLPs whose projections are fused LoRA layers on 16-bit bases (or frozen plain
+    linears) run as :func:`harness.kernels.tiled_mlp.tiled_gated_mlp`."""
     report: dict[str, list[str]] = {}
     for name, m in model.named_modules():
         kind = swap_lora_forward(m, lean_lora_forward) if want_lora else None
@@ -143,7 +148,46 @@ def prepare_for_compile(model: nn.Module, want_lora: bool = True) -> dict:
             for i, blk in enumerate(m.blocks):
                 _swap_forward(blk.attn, _batched_vision_attention)
                 report.setdefault("vision_attention_batched", []).append(f"{name}.blocks.{i}.attn")
+    if tiled_mlp and want_lora:  # after the LoRA swaps above: it reads them
+        for name, m in model.named_modules():
+            if _tiled_mlp_eligible(m):
+                _swap_forward(m, tiled_mlp_forward)
+                report.setdefault("tiled_mlp", []).append(name)
+        for m in model.modules():  # layers whose MLP output only feeds the final residual add
+            mlp = getattr(m, "mlp", None)
+            if isinstance(mlp, nn.Module) and "_harness_tiled_act" in mlp.__dict__ and mlp_ends_layer(type(m)):
+                mlp.__dict__["_harness_mlp_ends_layer"] = True
     return report
+
+
+# --------------------------------------------------------------------------- tiled gated MLP
+def _proj_args(p: nn.Module):
+    """(W, A, B, s) of a projection the tiled MLP can run, or None."""
+    if "_harness_kernels_lora" in p.__dict__:
+        call = _lora_call_args(p)
+        if call is None or call[1] is not None or call[5] is not None:  # no bias, no nf4 (dequant stays per call)
+            return None
+        return call[0], call[2], call[3], call[4]
+    if type(p) is nn.Linear and p.bias is None and not p.weight.requires_grad:
+        return p.weight, None, None, 1.0
+    return None
+
+
+def _tiled_mlp_eligible(m: nn.Module) -> bool:
+    act = _mlp_act(m)
+    if act is None or not all(_proj_args(getattr(m, n)) is not None for n in ("gate_proj", "up_proj", "down_proj")):
+        return False
+    m.__dict__["_harness_tiled_act"] = act
+    return True
+
+
+def tiled_mlp_forward(self, x):
+    args = [_proj_args(getattr(self, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+    if any(a is None for a in args):  # adapters disabled / merged since the swap: the module's own forward
+        return _original_forward(self)(x)
+    (Wg, Ag, Bg, sg), (Wu, Au, Bu, su), (Wd, Ad, Bd, sd) = args
+    skip = bool(self.__dict__.get("_harness_mlp_ends_layer")) and tiled_mlp_state["recompute"]
+    return tiled_gated_mlp(x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, self.__dict__["_harness_tiled_act"], skip)
 
 
 def _capture_nf4(m: nn.Module) -> None:

@@ -61,10 +61,11 @@ class KernelConfig:
     """Plain config object (a dict or any object with these attributes works too)."""
 
     def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
-                 compile=False, compile_backend="inductor", compile_mode="default"):
+                 compile=False, compile_backend="inductor", compile_mode="default", tiled_mlp=True):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
         self.compile, self.compile_backend, self.compile_mode = compile, compile_backend, compile_mode
+        self.tiled_mlp = tiled_mlp
 
 
 def _cfg_get(cfg, name, default):
@@ -351,7 +352,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
 
         # inside compiled layers the compiler fuses norms / rope / activations with their neighbours;
         # the hand-written kernels are for eager mode
-        report.update(prepare_for_compile(model, want_lora))
+        report.update(prepare_for_compile(model, want_lora, bool(_cfg_get(cfg, "tiled_mlp", True))))
         want_lora = want_rms = want_rope = want_act = False
 
     for name, m in model.named_modules():

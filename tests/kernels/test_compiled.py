@@ -119,11 +119,25 @@ def _tiny_nf4_model(tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2)
-    return model
+    # training mode: in eval mode on CPUs with AVX512-BF16, bitsandbytes 0.50 repacks nf4 weights for its
+    # CPU inference kernel, which fails on these tiny shapes ("shape '[96, 0]' is invalid")
+    return model.train()
 
 
-def test_compiled_nf4_base_matches_eager(tmp_path):
+def test_compiled_nf4_base_matches_eager(tmp_path, monkeypatch):
     """nf4 base: the dequantisation runs as the registered op inside the compiled layers."""
+    import bitsandbytes as bnb
+
+    from harness.kernels.nf4_dequant import dequantize_nf4_torch
+
+    # bitsandbytes 0.50.2's CPU nf4 ops are wrong when a row is not a whole number of 64-blocks (seen on an
+    # AVX512-BF16 CPU: 28% error against the original weight where nf4 rounding gives 9%; test_nf4_dequant
+    # checks ours against the original): the eager reference dequantises by the layout's definition instead
+    def linear4bit_reference(self, x):
+        w = dequantize_nf4_torch(self.weight.data, self.weight.quant_state, x.dtype)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", linear4bit_reference)
     torch._dynamo.reset()
     model = _tiny_nf4_model(tmp_path)
     inputs = dict(_inputs(5), use_cache=False)  # a KV cache differs per layer (eval / generation run eager)
