@@ -46,6 +46,23 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def kernel_breakdown(fn, iters=10):
+    """{kernel name: ms per call} from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            out[e.name] = out.get(e.name, 0.0) + e.time_range.elapsed_us() / iters / 1e3
+    return out
+
+
 def gbench(fn, iters=10):
     """GPU kernel time per call (ms): sum of the CUDA kernel durations recorded by torch.profiler,
     i.e. the time without Python / launch overhead. (CUDA-graph capture of autograd backward was
@@ -163,6 +180,10 @@ def tune_rms(copy_bw, N, H):
         print(f"  tune rms bwd H={H}: rows/tile {bm} programs/SM {per_sm} warps {warps}: {t:.4f} ms "
               f"{nbytes / t / 1e6:.0f} GB/s {100 * nbytes / t / 1e6 / copy_bw:.0f}%", flush=True)
     print(f"  tune rms bwd H={H}: default {mod._bwd_config(block)}", flush=True)
+    y = rms_mod(x, w, 1e-6)
+    for name, ms in sorted(kernel_breakdown(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), 20).items(),
+                           key=lambda kv: -kv[1]):
+        print(f"    default config, kernel {name[:60]}: {ms:.4f} ms", flush=True)
 
 
 def tune_rope(copy_bw, N, H):

@@ -92,7 +92,7 @@ def build(a):
             from harness.kernels import accelerate_model
 
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode,
-                   "tiled_mlp": not getattr(a, "no_tiled_mlp", False)}
+                   "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false"}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
         from harness.layer_graphs import graphs_wanted
 

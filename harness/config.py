@@ -177,8 +177,8 @@ class KernelsConfig:
     # auto: with offloaded checkpointing on CUDA, replay every layer's forward and recompute+backward as
     # CUDA graphs (harness/layer_graphs.py); not with compile_mode=reduce-overhead (its own graphs)
     cuda_graphs: str = "auto"
-    # with compile: gated MLPs (16-bit base) tiled over tokens, saving only their input; in a checkpoint's
-    # recompute, an MLP that ends its layer skips its forward (kernels/tiled_mlp.py)
+    # with compile and checkpointing: gated MLPs (16-bit base) tiled over tokens, saving only their input;
+    # in a checkpoint's recompute, an MLP that ends its layer skips its forward (kernels/tiled_mlp.py)
     tiled_mlp: bool = True
 
 

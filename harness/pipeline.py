@@ -79,7 +79,10 @@ def accelerate(run: RunConfig, model) -> dict:
     # so the cross-entropy kernel is for loops that call model(**batch).loss (benchmarks, scripts).
     cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
                swiglu=k.swiglu, cross_entropy=False, compile=k.compile != "false",
-               compile_mode=k.compile_mode, tiled_mlp=k.tiled_mlp)
+               compile_mode=k.compile_mode,
+               # tiling saves memory by recomputing the MLP in backward: free under checkpointing (the
+               # recompute skips it), a cost without
+               tiled_mlp=k.tiled_mlp and run.train.gradient_checkpointing != "false")
     return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
 
 

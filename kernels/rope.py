@@ -151,8 +151,9 @@ def _as_bhsd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     return x if unsqueeze_dim == 1 else x.transpose(1, 2)
 
 
-# elements of q per program: ~8K (positions x padded heads x head_dim); benchmarks sweep it
-ELEMS_PER_PROGRAM = 8192
+# elements of q per program (positions x padded heads x head_dim): 2K-8K measured best on an H100
+# (benchmarks/kernels_bench.py --tune)
+ELEMS_PER_PROGRAM = 4096
 
 
 def _rope_launch(q, k, cos, sin, unsqueeze_dim: int, backward: bool, dtypes):
