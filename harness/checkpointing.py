@@ -165,10 +165,6 @@ def layer_call(fn):
     return layer, (lambda _layer, *a, **k: func(*a, **k)), fn.keywords
 
 
-def _recompute_contexts():
-    return contextlib.nullcontext(), recomputing()
-
-
 @torch.compiler.disable
 def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     """The checkpoint function transformers' GradientCheckpointingLayer calls: fn(hidden, *rest).
@@ -178,7 +174,7 @@ def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     if not torch.is_grad_enabled():
         return fn(*args)
     if not args or not torch.is_tensor(args[0]):  # no positional hidden state to offload
-        return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_contexts)
+        return checkpoint(fn, *args, use_reentrant=False)
     return _OffloadedCheckpoint.apply(fn, offloader, *args)
 
 
@@ -189,10 +185,10 @@ def enable_checkpointing(model, mode: str, device: torch.device, force: bool = F
     CUDA graphs (harness.layer_graphs)."""
     if mode == "false":
         return "off"
-    # the recompute runs under `recomputing()`: MLPs that end their layer skip their forward value there
-    # (harness.kernels.tiled_mlp); the first forward runs as usual
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                       "context_fn": _recompute_contexts})
+    # torch's checkpoint here: its recompute must save exactly what the first forward saved, so it runs
+    # unmarked (a compiled layer's graph without the MLP's forward would save fewer tensors); only the
+    # offloaded path's own recompute skips the MLP forward (harness.kernels.tiled_mlp.recomputing)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     if mode != "unsloth":

@@ -21,9 +21,14 @@ def dequantize_linear(module) -> torch.nn.Linear | None:
         return None
     w = module.weight
     if kind == "Linear4bit":
-        import bitsandbytes.functional as F
+        if getattr(w.quant_state, "quant_type", None) == "nf4":
+            from harness.kernels import dequantize_nf4  # right on every device (bitsandbytes' CPU op is not)
 
-        dense = F.dequantize_4bit(w.data, w.quant_state)
+            dense = dequantize_nf4(w.data, w.quant_state)
+        else:
+            import bitsandbytes.functional as F
+
+            dense = F.dequantize_4bit(w.data, w.quant_state)
     else:
         scb = getattr(w, "SCB", None)
         if scb is None:

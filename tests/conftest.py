@@ -46,3 +46,24 @@ def compose():
         return cfg, validate(cfg)
 
     return _compose
+
+
+@pytest.fixture
+def nf4_by_definition(monkeypatch):
+    """bitsandbytes' nf4 Linear4bit forward computed from the layout's definition (dequantise, then matmul).
+    bitsandbytes 0.50.2's CPU ops are wrong when a row is not a whole number of 64-blocks (seen on an
+    AVX512-BF16 CPU; tests/kernels/test_nf4_dequant.py), which the tiny test models have."""
+    import bitsandbytes as bnb
+    import torch
+
+    from harness.kernels.nf4_dequant import dequantize_nf4_torch
+
+    def forward(self, x):
+        qs = self.weight.quant_state
+        if getattr(qs, "quant_type", None) != "nf4":
+            return orig(self, x)
+        w = dequantize_nf4_torch(self.weight.data, qs, x.dtype)
+        return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    orig = bnb.nn.Linear4bit.forward
+    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", forward)

@@ -52,7 +52,7 @@ def test_merged_16bit_checkpoint_matches_adapter_model(compose, tmp_path):
     assert (got - want).abs().max() <= 1e-4 * max(1.0, want.abs().max())
 
 
-def test_merged_from_4bit_equals_dequantized_base_plus_lora(compose, tmp_path):
+def test_merged_from_4bit_equals_dequantized_base_plus_lora(compose, tmp_path, nf4_by_definition):
     from transformers import AutoModelForImageTextToText
 
     run, device, dtype, processor, model, samples, _ = _built(compose, "quant=4bit")

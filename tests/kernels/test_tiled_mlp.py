@@ -141,17 +141,19 @@ def test_whole_model_gradients_with_tiled_mlp(monkeypatch, mode):
         for n in grads:
             err = ((grads[n] - grads_ref[n]).norm() / grads_ref[n].norm().clamp_min(1e-30)).item()
             assert err < 1e-5, (mode, n, err)
-    if mode == "false":
+    if mode in ("false", "true"):  # torch's checkpoint recomputes exactly what the first forward ran
         assert calls["skip"] == 0 and calls["full"] > 0
     else:
-        assert calls["skip"] > 0, calls  # the recompute skipped the MLP forward
+        assert calls["skip"] > 0, calls  # the offloaded path's recompute skipped the MLP forward
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_tiled_mlp_bf16_gpu_real_size(cuda, rel, act):
+def test_tiled_mlp_bf16_gpu_real_size(cuda, rel, act, monkeypatch):
     """Qwen2-VL-2B's MLP at 8,192 tokens in bf16: values and gradients within bf16 tolerance of the unfused
-    module, and the backward's peak memory well under the unfused one's."""
+    module, and the backward's peak memory well under the unfused one's (eager here: the fp32 activation
+    temporaries that the compiler fuses away are per tile, so 8 tiles of 1,024 rows)."""
+    monkeypatch.setattr(tm, "TILE_ROWS", 1024)
     torch.manual_seed(0)
     N, H, I, r = 8192, 1536, 8960, 16
     W = [(torch.randn(I, H, device=cuda) / H**0.5).bfloat16(), (torch.randn(I, H, device=cuda) / H**0.5).bfloat16(),
