@@ -321,6 +321,17 @@ def _model_on_cuda(model: nn.Module) -> bool:
     return False
 
 
+def _plain_function(fn):
+    """The function behind a hub-kernelizable stand-in (with Hugging Face's `kernels` installed, transformers
+    turns module-level functions such as ``apply_rotary_pos_emb`` into small modules whose forward calls the
+    original, a closure variable), else ``fn`` itself."""
+    if isinstance(fn, nn.Module):
+        for cell in getattr(type(fn).forward, "__closure__", None) or ():
+            if inspect.isfunction(cell.cell_contents):
+                return cell.cell_contents
+    return fn
+
+
 def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     """Swap fused kernels into ``model`` in place; return ``{kernel_name: [module names]}``.
 
@@ -385,13 +396,13 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
             if fn is None or not callable(fn):
                 continue
             try:  # only attention classes that actually call the module-level function
-                if "apply_rotary_pos_emb(" not in inspect.getsource(type(m).forward):
+                if "apply_rotary_pos_emb(" not in inspect.getsource(inspect.unwrap(type(m).forward)):
                     continue
             except (OSError, TypeError):
                 continue
             if pymod not in _ROPE_PATCHED:
                 try:
-                    params = list(inspect.signature(fn).parameters)
+                    params = list(inspect.signature(_plain_function(fn)).parameters)
                 except (TypeError, ValueError):
                     continue
                 if params[:4] != ["q", "k", "cos", "sin"]:
