@@ -18,9 +18,12 @@ What runs inside a compiled layer (``compile_layers`` after :func:`prepare_for_c
 * Norms, rotary embeddings and activations: the models' own PyTorch code, fused by Inductor with
   their neighbours (residual adds, casts): the hand-written kernels of this package stay for
   eager mode.
-* Per-image vision attention (Qwen2-VL style towers: packed patches, ``cu_seqlens``, no windows):
-  when every image of the batch has the same number of patches, one batched SDPA call over
-  ``[images, heads, patches, dim]`` instead of a host-synchronised split and one call per image.
+* Per-image / per-window vision attention (Qwen2-VL and Qwen2.5-VL style towers: packed patches,
+  ``cu_seqlens``): when every segment a block attends within has the same length (every image the
+  same number of patches; for Qwen2.5-VL's windowed blocks, every image a whole number of windows),
+  one batched SDPA call over ``[segments, heads, length, dim]`` instead of a host-synchronised split
+  and one call per segment. The lengths are read once per tower call, on the host, from ``grid_thw``,
+  so the blocks themselves never synchronise (and can run as CUDA graphs).
 
 Layers are found as transformers' ``GradientCheckpointingLayer`` instances, so checkpointing
 (standard or offloaded) wraps the compiled layer unchanged.
@@ -43,7 +46,7 @@ from .tiled_mlp import mlp_ends_layer, tiled_gated_mlp
 
 __all__ = ["prepare_for_compile", "compile_layers", "uncompile_layers", "lean_lora_forward", "tiled_mlp_forward"]
 
-_SEG = "_harness_seg_len"  # attention-module attribute: patches per image, or None
+_SEG = "_harness_seg_len"  # attention-module attribute: patches per attended segment (frame or window), or None
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -72,13 +75,16 @@ def lean_lora_forward(self, x, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- vision attention
-def _per_image_tower(m: nn.Module) -> bool:
-    """A packed-patch vision tower whose every block attends within each image (no windows)."""
+def _packed_patch_tower(m: nn.Module) -> bool:
+    """A packed-patch vision tower whose blocks attend within each image or, for windowed towers
+    (Qwen2.5-VL: ``fullatt_block_indexes``, ``window_size``), within fixed windows of each image."""
     blocks = getattr(m, "blocks", None)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
         return False
-    if hasattr(m, "fullatt_block_indexes") or hasattr(m, "window_size"):
-        return False  # windowed towers (Qwen2.5-VL) attend over unequal windows
+    if hasattr(m, "fullatt_block_indexes") or hasattr(m, "window_size"):  # windowed: all of these or none
+        if not isinstance(getattr(m, "fullatt_block_indexes", None), (list, tuple)) or not all(
+                isinstance(getattr(m, n, None), int) for n in ("window_size", "patch_size", "spatial_merge_size")):
+            return False
     try:
         params = inspect.signature(m.forward).parameters
     except (TypeError, ValueError):
@@ -86,6 +92,22 @@ def _per_image_tower(m: nn.Module) -> bool:
     if "grid_thw" not in params:
         return False
     return all(_attention_patchable(getattr(b, "attn", None)) for b in blocks)
+
+
+def _window_len(tower, grid_rows) -> int | None:
+    """Patches per window when every window of every image is full, else None.
+
+    Windows are squares of ``window_size // spatial_merge_size // patch_size`` merged units (each unit
+    ``spatial_merge_size**2`` patches), laid out per frame; an image whose merged grid is not a whole
+    number of windows gets partial windows at its edges (unequal lengths: the original split runs)."""
+    merge = tower.spatial_merge_size
+    vws = tower.window_size // merge // tower.patch_size
+    if vws <= 0:
+        return None
+    for _t, h, w in grid_rows:
+        if h % merge or w % merge or (h // merge) % vws or (w // merge) % vws:
+            return None
+    return vws * vws * merge * merge
 
 
 def _attention_patchable(a) -> bool:
@@ -101,13 +123,19 @@ def _attention_patchable(a) -> bool:
 
 def _set_segments(tower, args, kwargs):
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-    seg = None
+    image_len = window_len = None
     if torch.is_tensor(grid) and grid.ndim == 2 and grid.shape[0] > 0:
-        sizes = {int(t) * int(h) * int(w) for t, h, w in grid.tolist()}  # one host sync per tower call
-        if len(sizes) == 1:
-            seg = sizes.pop()
-    for blk in tower.blocks:
-        blk.attn.__dict__[_SEG] = seg
+        rows = [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]  # one host sync per tower call
+        sizes = {h * w for _t, h, w in rows}  # attention is per frame (cu_seqlens repeats h*w t times)
+        if len(sizes) == 1 and "cu_seqlens" not in kwargs:
+            image_len = sizes.pop()
+        # caller-given segments (transformers >= 5.2x accepts them as kwargs) are not ours to assume
+        if hasattr(tower, "fullatt_block_indexes") and "cu_window_seqlens" not in kwargs:
+            window_len = _window_len(tower, rows)
+    full = getattr(tower, "fullatt_block_indexes", None)
+    for i, blk in enumerate(tower.blocks):
+        windowed = full is not None and i not in full
+        blk.attn.__dict__[_SEG] = window_len if windowed else image_len
 
 
 def _batched_vision_attention(self, hidden_states, *args, **kwargs):
@@ -120,10 +148,10 @@ def _batched_vision_attention(self, hidden_states, *args, **kwargs):
     q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)
-    imgs = n // seg
+    segs = n // seg
 
-    def heads(t):  # [n, H, d] -> [images, H, seg, d]
-        return t.reshape(imgs, seg, self.num_heads, -1).transpose(1, 2)
+    def heads(t):  # [n, H, d] -> [segments, H, seg, d]
+        return t.reshape(segs, seg, self.num_heads, -1).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
     return self.proj(out.transpose(1, 2).reshape(n, -1))
@@ -143,7 +171,7 @@ def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: boo
                 _capture_nf4(m)
             report.setdefault(kind, []).append(name)
             continue
-        if _per_image_tower(m) and "_harness_seg_hook" not in m.__dict__:
+        if _packed_patch_tower(m) and "_harness_seg_hook" not in m.__dict__:
             m.__dict__["_harness_seg_hook"] = m.register_forward_pre_hook(_set_segments, with_kwargs=True)
             for i, blk in enumerate(m.blocks):
                 _swap_forward(blk.attn, _batched_vision_attention)

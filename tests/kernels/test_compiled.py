@@ -124,20 +124,8 @@ def _tiny_nf4_model(tmp_path):
     return model.train()
 
 
-def test_compiled_nf4_base_matches_eager(tmp_path, monkeypatch):
+def test_compiled_nf4_base_matches_eager(tmp_path, nf4_by_definition):
     """nf4 base: the dequantisation runs as the registered op inside the compiled layers."""
-    import bitsandbytes as bnb
-
-    from harness.kernels.nf4_dequant import dequantize_nf4_torch
-
-    # bitsandbytes 0.50.2's CPU nf4 ops are wrong when a row is not a whole number of 64-blocks (seen on an
-    # AVX512-BF16 CPU: 28% error against the original weight where nf4 rounding gives 9%; test_nf4_dequant
-    # checks ours against the original): the eager reference dequantises by the layout's definition instead
-    def linear4bit_reference(self, x):
-        w = dequantize_nf4_torch(self.weight.data, self.weight.quant_state, x.dtype)
-        return torch.nn.functional.linear(x, w, self.bias)
-
-    monkeypatch.setattr(bnb.nn.Linear4bit, "forward", linear4bit_reference)
     torch._dynamo.reset()
     model = _tiny_nf4_model(tmp_path)
     inputs = dict(_inputs(5), use_cache=False)  # a KV cache differs per layer (eval / generation run eager)
@@ -159,3 +147,52 @@ def test_compiled_nf4_base_matches_eager(tmp_path, monkeypatch):
     finally:
         revert_model(model)
     assert "_harness_nf4_plain" not in model.base_model.model.lm_head.__dict__
+
+
+def _tiny_qwen2_5_vl_tower():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=32, intermediate_size=64, num_heads=2, window_size=112,
+                  patch_size=14, spatial_merge_size=2, fullatt_block_indexes=[1])
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text)
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").model.visual
+
+
+@pytest.mark.parametrize("grids,window_len,image_len", [
+    ([[1, 16, 16], [1, 16, 16]], 64, 256),   # whole windows, equal images: every block batched
+    ([[1, 16, 16], [1, 16, 8]], 64, None),   # whole windows, unequal images: window blocks batched
+    ([[2, 16, 16], [1, 16, 16]], 64, 256),   # a 2-frame video: attention per frame, windows per frame
+    ([[1, 12, 12], [1, 12, 12]], None, 144),  # partial windows at the edges: window blocks split as before
+])
+def test_batched_windowed_vision_attention_matches(grids, window_len, image_len):
+    """Qwen2.5-VL's windowed tower: attention batched over equal windows (and equal frames) gives the
+    original per-window split's output and gradients; unequal segments run the original split."""
+    tower = _tiny_qwen2_5_vl_tower()
+    grid = torch.tensor(grids)
+    n = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+    g = torch.Generator().manual_seed(5)
+    pix = torch.randn(n, 3 * 2 * 14 * 14, generator=g)
+
+    def run():
+        tower.zero_grad(set_to_none=True)
+        out = tower(pix, grid_thw=grid)
+        out = out.pooler_output if hasattr(out, "pooler_output") else out
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        return out.detach(), {k: p.grad.clone() for k, p in tower.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()
+    report = prepare_for_compile(tower)
+    try:
+        assert len(report["vision_attention_batched"]) == 3
+        out, grads = run()
+        segs = [blk.attn.__dict__["_harness_seg_len"] for blk in tower.blocks]
+        assert segs == [window_len, image_len, window_len]  # block 1 attends over whole frames
+    finally:
+        revert_model(tower)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and grads
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
