@@ -176,6 +176,17 @@ def run(a):
     return row
 
 
+def cap_memory(gib: float, device: str) -> float | None:
+    """Limit this process's CUDA caching allocator to ``gib`` GiB (an out-of-memory error past it, as on a
+    smaller card); the fraction set, or None when uncapped or not on CUDA."""
+    if not gib or device != "cuda" or not torch.cuda.is_available():
+        return None
+    total = torch.cuda.get_device_properties(0).total_memory
+    frac = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(frac)
+    return frac
+
+
 def longest(a):
     """The longest sequence (batch 1, one image for VLMs) that trains one step without running out of
     GPU memory: doubling from --tokens, then bisection to 256 tokens, all in this process."""
@@ -203,7 +214,7 @@ def longest(a):
         return ok
 
     best = longest_fitting(fits, a.tokens, a.max_tokens, 256)
-    return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens,
+    return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens, memory_gib=a.memory_gib or None,
                 tried=dict(sorted(tried.items())), gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
 
 
@@ -278,9 +289,11 @@ def table(rows):
         out.append(f"| {_label(r)} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
                    f"{r['median_step_s']:.3f} s | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
     if longest_rows:
-        out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap |", "|---|---|---|---|"]
+        out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap | GPU memory |",
+                "|---|---|---|---|---|"]
         for r in longest_rows:
-            out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {r['cap']:,} |")
+            mem = f"capped at {r['memory_gib']:g} GiB" if r.get("memory_gib") else "whole GPU"
+            out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {r['cap']:,} | {mem} |")
     return "\n".join(out)
 
 
@@ -350,6 +363,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
     common += ["--compile-mode", bench.compile_mode]
     if not bench.cuda_graphs:
         common.append("--no-graphs")
+    if bench.memory_gib:
+        common += ["--memory-gib", str(bench.memory_gib)]
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.longest:  # then the longest sequence per stack at batch 1
         plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
@@ -386,6 +401,8 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tiny models)")
     ap.add_argument("--longest", action="store_true", help="search the longest sequence that fits at batch 1")
     ap.add_argument("--max-tokens", type=int, default=65536, help="--longest: upper end of the search")
+    ap.add_argument("--memory-gib", type=float, default=0.0,
+                    help="cap this process's GPU memory (torch's per-process fraction); 0: the whole GPU")
     ap.add_argument("--mem-trace", action="store_true",
                     help="record the first timed step's allocations and print what is alive at its peak")
     ap.add_argument("--only", default=None, help="comma-separated indices of PLAN to run with --all")
@@ -393,6 +410,7 @@ def main():
     if a.profile:
         return profile(a)
     if not a.all:
+        cap_memory(a.memory_gib, a.device)
         try:
             print(json.dumps(longest(a) if a.longest else run(a)), flush=True)
         except Exception as e:

@@ -208,6 +208,7 @@ class BenchConfig:
     model: str = "anchor"  # anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name (random weights)
     longest: bool = False  # also search the longest sequence that fits at batch 1, per stack
     max_tokens: int = 65536  # upper end of that search
+    memory_gib: float = 0.0  # cap each stack's GPU memory (e.g. 80 to compare a 141 GB card with an 80 GB one); 0: all
 
 
 @dataclass
@@ -376,6 +377,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         models = ["anchor"] + sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         _choice("bench.model", run.bench.model, tuple(models))
         _choice("bench.compile_mode", run.bench.compile_mode, COMPILE_MODES)
+        if not float(run.bench.memory_gib) >= 0:
+            _fail("bench.memory_gib", run.bench.memory_gib, "0 (the whole GPU) or a positive number of GiB")
         if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:
             _fail("bench.tokens", run.bench.tokens, f"more than the {run.bench.grid ** 2 // 4 + 2} image tokens")
     _choice("logger.backend", run.logger.backend, LOGGER_BACKENDS)

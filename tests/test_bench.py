@@ -47,8 +47,9 @@ def test_bench_loop_on_cpu(model, stack):
     row = bench.run(a)
     assert row["stack"] == stack and row["model"] == model and row["tokens_per_s"] > 0
     assert row["trainable"] > 0 and math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
-    md = bench.table([row, dict(stack="harness16", model=model, gc="standard", longest_tokens=4096, cap=8192)])
-    assert f"{stack} [{model}]" in md and "4,096" in md
+    md = bench.table([row, dict(stack="harness16", model=model, gc="standard", longest_tokens=4096, cap=8192,
+                                memory_gib=80.0)])
+    assert f"{stack} [{model}]" in md and "| 4,096 | 8,192 | capped at 80 GiB |" in md
 
 
 def test_peer_stacks_run_the_anchor_workload_only():
@@ -60,3 +61,11 @@ def test_peer_stacks_run_the_anchor_workload_only():
 def test_bench_model_is_validated(compose):
     with pytest.raises(ConfigError, match=r"bench.model='qwen9' \(allowed: one of anchor, gemma3_4b"):
         compose(["mode=bench", "bench.model=qwen9"])
+
+
+def test_bench_memory_cap_is_validated_and_off_the_gpu_a_no_op(compose):
+    with pytest.raises(ConfigError, match=r"bench.memory_gib=-1"):
+        compose(["mode=bench", "bench.memory_gib=-1"])
+    _, run = compose(["mode=bench", "bench.memory_gib=80"])
+    assert run.bench.memory_gib == 80
+    assert bench.cap_memory(80, "cpu") is None and bench.cap_memory(0, "cuda") is None
