@@ -1,6 +1,7 @@
 """Training with TRL's SFTTrainer: SFTConfig from conf/train, our collator, metrics callback."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -57,7 +58,15 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
     from trl import SFTConfig
 
     t = run.train
+    # checkpointing is ours (harness.checkpointing.enable_checkpointing, before the trainer exists): TRL's
+    # SFTConfig turns it on by default, and the Trainer would then re-enable torch's checkpoint on every layer
+    # at train() time, overriding `false` and replacing the offloaded function of `unsloth`.
+    # transformers >= 5.2x renamed the argument (activation_checkpointing); older ones know only the old name.
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    no_trainer_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in names
+                                else "gradient_checkpointing": False}
     return SFTConfig(
+        **no_trainer_checkpointing,
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.per_device_train_batch_size,

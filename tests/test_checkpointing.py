@@ -43,3 +43,34 @@ def test_offloaded_layers_are_the_decoder_layers_and_vision_blocks(compose):
     used = enable_checkpointing(model, "unsloth", device, force=True)
     # tiny_qwen2_vl: 4 decoder layers + 2 vision blocks
     assert used == "offloaded (6 layers)", used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["false", "true", "unsloth"])
+def test_the_chosen_mode_is_what_trains(compose, fast, tmp_path, monkeypatch, mode):
+    """train.gradient_checkpointing survives the trainer: TRL's SFTConfig turns checkpointing on by default and
+    the Trainer would re-enable torch's checkpoint on every layer at train() (overriding `false`, replacing the
+    offloaded function of `unsloth`). After training, each layer still has the mode's checkpoint function."""
+    import functools
+
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    import harness.train as train_mod
+    from harness.checkpointing import offloaded_checkpoint
+
+    # on CPU `unsloth` degrades to standard checkpointing unless forced (the offloader runs on CPU too)
+    monkeypatch.setattr(train_mod, "enable_checkpointing", functools.partial(enable_checkpointing, force=True))
+    _, run = compose([*fast, "logger=none", "train.max_steps=1", f"train.gradient_checkpointing={mode}"])
+    device, dtype, processor, _, model = build(run)
+    train_samples, _ = build_datasets(run.data, run.seed)
+    train_mod.train(run, model, processor, ChatCollator(processor), train_samples, tmp_path, device, dtype)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert layers
+    on = [bool(getattr(m, "gradient_checkpointing", False)) for m in layers]
+    if mode == "false":
+        assert not any(on)
+        return
+    assert all(on)
+    funcs = [m._gradient_checkpointing_func for m in layers]
+    offloaded = [isinstance(f, functools.partial) and f.func is offloaded_checkpoint for f in funcs]
+    assert all(offloaded) if mode == "unsloth" else not any(offloaded)
