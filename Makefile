@@ -1,4 +1,5 @@
-# `make run` / `make test` create .venv on first use (CPU torch by default), then run.
+# `make run` / `make test` create .venv on first use (CPU torch by default; the other packages at the
+# versions in constraints.txt, which the tests last passed with), then run.
 # GPU machines: make install TORCH="torch" (a CUDA build), or install into your own env: see README.
 PY ?= python3
 VENV ?= .venv
@@ -7,11 +8,11 @@ BIN := $(VENV)/bin
 
 .PHONY: install run test plan clean-outputs
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	touch $@
 
 install: $(BIN)/.installed

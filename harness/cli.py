@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import hydra
@@ -16,6 +17,19 @@ from harness.config import CONF_DIR, ConfigError, register_configs, validate
 log = logging.getLogger("harness")
 
 register_configs()
+
+# Library notices a user cannot act on: PEFT reads transformers' deprecated `is_gradient_checkpointing`
+# (transformers >= 5.2x); bitsandbytes' CPU backend asks the hub for a kernel at import, which is refused
+# (trust_remote_code stays off, and runs are offline) and falls back to its own code.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+class _DropHubKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
 
 
 def run_dir() -> Path:

@@ -49,7 +49,14 @@ def is_random_init(mc: ModelConfig) -> bool:
 def build_config(mc: ModelConfig, arch: Architecture, tokenizer=None):
     """The transformers config: from `model.config` (random init / plan) or from the checkpoint."""
     if mc.config:
-        cfg = transformers_class(arch.config_class)(**_plain(mc.config))
+        kwargs = _plain(mc.config)
+        if tokenizer is not None:  # the tokenizer's special ids from the start: a config checks them against its vocab
+            ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+            kwargs = {**ids, **kwargs}
+            if isinstance(kwargs.get("text_config"), dict):
+                kwargs["text_config"] = {**ids, **kwargs["text_config"]}
+        cfg = transformers_class(arch.config_class)(**kwargs)
     else:
         from transformers import AutoConfig
 
@@ -82,7 +89,9 @@ def _sync_token_ids(cfg, arch: Architecture, tokenizer) -> None:
 def build_meta_model(mc: ModelConfig):
     """The model's module tree on the meta device: no memory, no weights (plan mode)."""
     arch = get_architecture(mc.arch)
-    cfg = build_config(mc, arch)
+    # a locally built model takes its special token ids from the locally built tokenizer, as in load_model
+    tok = tokenizer_of(load_processor_for(mc)) if mc.name_or_path is None and mc.config else None
+    cfg = build_config(mc, arch, tok)
     with torch.device("meta"):
         return transformers_class(arch.model_class)._from_config(cfg)
 
