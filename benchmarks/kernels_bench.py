@@ -68,19 +68,8 @@ def gbench(fn, iters=10):
     i.e. the time without Python / launch overhead. (CUDA-graph capture of autograd backward was
     tried first and broke the CUDA context on torch 2.11, so it is not used.)"""
     try:
-        from torch.profiler import ProfilerActivity, profile
-
-        fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-        us = 0.0
-        for e in prof.events():
-            if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-                us += e.time_range.elapsed_us()
-        return us / iters / 1e3 if us > 0 else None
+        total = sum(kernel_breakdown(fn, iters).values())
+        return total if total > 0 else None
     except Exception as e:  # pragma: no cover
         print(f"    (profiler timing failed: {type(e).__name__}: {str(e)[:80]})")
         return None
