@@ -52,9 +52,7 @@ def mlp_ends_layer(layer_cls: type) -> bool:
     a norm first). Read from the source, so a transformers version that changes the layer is caught."""
     if layer_cls not in _ENDS_CACHE:
         try:
-            fwd = layer_cls.forward
-            fwd = getattr(fwd, "__wrapped__", fwd)
-            src = inspect.getsource(fwd).rstrip()
+            src = inspect.getsource(inspect.unwrap(layer_cls.forward)).rstrip()  # through decorator wrappers
             _ENDS_CACHE[layer_cls] = bool(_ENDS_LAYER.search(src)) and src.count("self.mlp(") == 1
         except (OSError, TypeError):
             _ENDS_CACHE[layer_cls] = False
