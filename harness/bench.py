@@ -273,6 +273,12 @@ def _label(r):
     return r["stack"] if m == "anchor" else f"{r['stack']} [{m}]"
 
 
+def _last_line(text: str, width: int = 120) -> str:
+    """The last non-empty line of an error (where the exception or the time-out is), fit for a table cell."""
+    lines = [l.strip() for l in str(text).splitlines() if l.strip()]
+    return (lines[-1] if lines else "")[:width].replace("|", "/")
+
+
 def table(rows):
     head = "| stack | checkpointing | batch x tokens | tokens/s | median step | peak GiB | after load GiB | MFU | loss first -> last |"
     out = [head, "|" + "---|" * 9]
@@ -281,7 +287,7 @@ def table(rows):
         if "longest_tokens" in r:
             continue
         if "error" in r:
-            out.append(f"| {_label(r)} {r.get('args', '')} | error: {r['error'][:80]} |||||||| ")
+            out.append(f"| {_label(r)} {r.get('args', '')} | error: {_last_line(r['error'])} |||||||| ")
             continue
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
@@ -307,12 +313,17 @@ PLAN = [  # (stack, extra args): the anchor workload, every stack, one table
 ]
 
 
-def run_stacks(plan, out=None) -> list[dict]:
-    """Each (stack, extra args) in its own process; one JSON row each."""
+def run_stacks(plan, out=None, timeout_s: float | None = None) -> list[dict]:
+    """Each (stack, extra args) in its own process; one JSON row each. ``timeout_s``: a stack that runs
+    longer is stopped (its process killed, its GPU memory freed with it) and gets an error row."""
     rows = []
     for stack, extra in plan:
         cmd = [sys.executable, "-m", "harness.bench", "--stack", stack, *extra]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s or None)
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+            p = subprocess.CompletedProcess(cmd, -9, "", err + f"\ntimed out after {timeout_s:g} s")
         lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
         row = json.loads(lines[-1]) if lines else dict(stack=stack, error=(p.stderr or "no output")[-300:])
         row["args"] = " ".join(extra)
@@ -370,7 +381,7 @@ def bench_mode(bench, out_dir) -> list[dict]:
         plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
                  for s in bench.stacks]
     out_dir = Path(out_dir)
-    rows = run_stacks(plan, out_dir / "bench.jsonl")
+    rows = run_stacks(plan, out_dir / "bench.jsonl", timeout_s=bench.timeout_s)
     md = table(rows)
     (out_dir / "bench.md").write_text(md + "\n")
     plot(rows, out_dir / "bench.png")

@@ -208,6 +208,7 @@ class BenchConfig:
     model: str = "anchor"  # anchor (the anchors' Qwen2-VL-2B workload) or a conf/model name (random weights)
     longest: bool = False  # also search the longest sequence that fits at batch 1, per stack
     max_tokens: int = 65536  # upper end of that search
+    timeout_s: float = 0.0  # stop a stack that runs longer (an error row in the table); 0: no limit
     memory_gib: float = 0.0  # cap each stack's GPU memory (e.g. 80 to compare a 141 GB card with an 80 GB one); 0: all
 
 
@@ -377,6 +378,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         models = ["anchor"] + sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         _choice("bench.model", run.bench.model, tuple(models))
         _choice("bench.compile_mode", run.bench.compile_mode, COMPILE_MODES)
+        if not float(run.bench.timeout_s) >= 0:
+            _fail("bench.timeout_s", run.bench.timeout_s, "0 (no limit) or a positive number of seconds")
         if not float(run.bench.memory_gib) >= 0:
             _fail("bench.memory_gib", run.bench.memory_gib, "0 (the whole GPU) or a positive number of GiB")
         if run.bench.tokens <= run.bench.grid * run.bench.grid // 4 + 2:

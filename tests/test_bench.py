@@ -69,3 +69,15 @@ def test_bench_memory_cap_is_validated_and_off_the_gpu_a_no_op(compose):
     _, run = compose(["mode=bench", "bench.memory_gib=80"])
     assert run.bench.memory_gib == 80
     assert bench.cap_memory(80, "cpu") is None and bench.cap_memory(0, "cuda") is None
+
+
+@pytest.mark.slow
+def test_a_stack_past_its_time_limit_gets_an_error_row_and_the_rest_run(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cpu = ["--device", "cpu", "--model", "tiny_llama", "--batch", "1", "--tokens", "16", "--grid", "4", "--r", "2",
+           "--steps", "1", "--warmup", "0"]
+    rows = bench.run_stacks([("hf16", cpu + ["--steps", "100000"]), ("hf16", cpu)], out, timeout_s=30)
+    assert "timed out after 30 s" in rows[0]["error"] and "tokens_per_s" not in rows[0]
+    assert rows[1].get("tokens_per_s", 0) > 0, rows[1]
+    assert len(out.read_text().splitlines()) == 2
+    assert "timed out" in bench.table(rows)
