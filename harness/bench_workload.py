@@ -126,12 +126,7 @@ def load_workload(name: str) -> Workload:
         raise ValueError(f"invalid config: bench.model={name} (allowed: text-only models or "
                          f"{', '.join(QWEN_VISION_ARCHS)} architectures; the bench batch of {mc.arch} is not built yet)")
 
-    # tiny configs take their special-token ids from the locally built tokenizer (as in training)
-    tok = None
-    if mc.name_or_path is None:
-        from harness.processors import tokenizer_of
-
-        tok = tokenizer_of(modeling.load_processor_for(mc))
+    tok = modeling.local_tokenizer(mc)  # tiny configs: special-token ids from the local tokenizer (as in training)
 
     def config_fn():
         return modeling.build_config(mc, arch, tok)

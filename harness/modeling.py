@@ -51,8 +51,7 @@ def build_config(mc: ModelConfig, arch: Architecture, tokenizer=None):
     if mc.config:
         kwargs = _plain(mc.config)
         if tokenizer is not None:  # the tokenizer's special ids from the start: a config checks them against its vocab
-            ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
+            ids = _special_ids(tokenizer)
             kwargs = {**ids, **kwargs}
             if isinstance(kwargs.get("text_config"), dict):
                 kwargs["text_config"] = {**ids, **kwargs["text_config"]}
@@ -72,26 +71,34 @@ def _plain(obj):
     return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, (DictConfig, ListConfig)) else obj
 
 
+def _special_ids(tokenizer) -> dict:
+    return dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
 def _sync_token_ids(cfg, arch: Architecture, tokenizer) -> None:
     """Point a random-init config's special token ids at the locally built tokenizer's."""
     for key, special in arch.config_tokens.items():
         setattr(cfg, key, tokenizer.convert_tokens_to_ids(arch.special_tokens[special]))
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for c in {id(cfg): cfg, id(text_cfg): text_cfg}.values():
-        c.eos_token_id = tokenizer.eos_token_id
-        c.pad_token_id = tokenizer.pad_token_id
-        c.bos_token_id = tokenizer.bos_token_id
+        for key, value in _special_ids(tokenizer).items():
+            setattr(c, key, value)
     if text_cfg.vocab_size < len(tokenizer):
         raise ConfigError(f"model.config vocab_size={text_cfg.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} tokens); allowed: >= {len(tokenizer)}")
 
 
+def local_tokenizer(mc: ModelConfig):
+    """The locally built tokenizer of a model built from `model.config` alone (its special token ids go into
+    the config, as in load_model), else None."""
+    return tokenizer_of(load_processor_for(mc)) if mc.name_or_path is None and mc.config else None
+
+
 def build_meta_model(mc: ModelConfig):
     """The model's module tree on the meta device: no memory, no weights (plan mode)."""
     arch = get_architecture(mc.arch)
-    # a locally built model takes its special token ids from the locally built tokenizer, as in load_model
-    tok = tokenizer_of(load_processor_for(mc)) if mc.name_or_path is None and mc.config else None
-    cfg = build_config(mc, arch, tok)
+    cfg = build_config(mc, arch, local_tokenizer(mc))
     with torch.device("meta"):
         return transformers_class(arch.model_class)._from_config(cfg)
 

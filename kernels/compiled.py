@@ -123,6 +123,7 @@ def _attention_patchable(a) -> bool:
 
 def _set_segments(tower, args, kwargs):
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+    full = getattr(tower, "fullatt_block_indexes", None)  # windowed towers (Qwen2.5-VL): the full-attention blocks
     image_len = window_len = None
     if torch.is_tensor(grid) and grid.ndim == 2 and grid.shape[0] > 0:
         rows = [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]  # one host sync per tower call
@@ -130,9 +131,8 @@ def _set_segments(tower, args, kwargs):
         if len(sizes) == 1 and "cu_seqlens" not in kwargs:
             image_len = sizes.pop()
         # caller-given segments (transformers >= 5.2x accepts them as kwargs) are not ours to assume
-        if hasattr(tower, "fullatt_block_indexes") and "cu_window_seqlens" not in kwargs:
+        if full is not None and "cu_window_seqlens" not in kwargs:
             window_len = _window_len(tower, rows)
-    full = getattr(tower, "fullatt_block_indexes", None)
     for i, blk in enumerate(tower.blocks):
         windowed = full is not None and i not in full
         blk.attn.__dict__[_SEG] = window_len if windowed else image_len
