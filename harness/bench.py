@@ -214,8 +214,9 @@ def longest(a):
         return ok
 
     best = longest_fitting(fits, a.tokens, a.max_tokens, 256)
-    return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens, memory_gib=a.memory_gib or None,
-                tried=dict(sorted(tried.items())), gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
+    return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens,
+                memory_gib=a.memory_gib or None, tried=dict(sorted(tried.items())),
+                gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
 
 
 def profile(a):
@@ -421,6 +422,9 @@ def main():
     if a.profile:
         return profile(a)
     if not a.all:
+        from harness.hub_guard import import_bitsandbytes
+
+        import_bitsandbytes()  # peer stacks import it too: no kernel fetched from the Hub (harness.hub_guard)
         cap_memory(a.memory_gib, a.device)
         try:
             print(json.dumps(longest(a) if a.longest else run(a)), flush=True)

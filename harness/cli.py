@@ -18,18 +18,9 @@ log = logging.getLogger("harness")
 
 register_configs()
 
-# Library notices a user cannot act on: PEFT reads transformers' deprecated `is_gradient_checkpointing`
-# (transformers >= 5.2x); bitsandbytes' CPU backend asks the hub for a kernel at import, which is refused
-# (trust_remote_code stays off, and runs are offline) and falls back to its own code.
+# A library notice a user cannot act on: PEFT reads transformers' deprecated `is_gradient_checkpointing`
+# (transformers >= 5.2x).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-
-class _DropHubKernelNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelNotice())
 
 
 def run_dir() -> Path:
@@ -40,6 +31,9 @@ def run_dir() -> Path:
 
 def dispatch(cfg: DictConfig):
     run = validate(cfg)  # before any model is built
+    from harness.hub_guard import import_bitsandbytes
+
+    import_bitsandbytes(allow_hub_kernels=run.model.trust_remote_code)  # before transformers can import it
     if run.mode == "plan":
         from harness.pipeline import plan_run
 
