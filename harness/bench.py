@@ -94,6 +94,11 @@ def build(a):
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode,
                    "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false"}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
+            if not getattr(a, "no_host_prep", False):
+                from harness import host_prep
+
+                if host_prep.install(model) is not None:
+                    accelerated["host_prep"] = 1
         from harness.layer_graphs import graphs_wanted
 
         graphs = graphs_wanted(not a.no_kernels, not a.no_graphs, a.compile_mode)
@@ -106,6 +111,31 @@ def build(a):
 
 def make_batch(a, device):
     return load_workload(a.model).make_batch(a, device)
+
+
+class step_inputs:
+    """What each step feeds the model: the fixed batch, plus, for a model with harness.host_prep installed,
+    that batch's host-side inputs computed afresh for every step. ``prefetch()`` computes the next step's
+    while the GPU works on this one (the loop calls it once the step's work is queued), as the collator does
+    in a DataLoader; its host time is inside the timed step."""
+
+    def __init__(self, a, model):
+        from harness import host_prep
+
+        self.prepare = host_prep.prepare
+        self.data = make_batch(a, a.device)
+        self.spec = host_prep.installed_spec(model)
+        keys = ("input_ids", "attention_mask", "image_grid_thw", "labels")
+        self.cpu = {k: v for k, v in make_batch(a, "cpu").items() if k in keys} if self.spec else None
+        self.next = None
+        self.prefetch()
+
+    def prefetch(self) -> None:
+        if self.spec is not None:
+            self.next = {**self.data, "host_prep": self.prepare(self.cpu, self.spec)}
+
+    def __call__(self) -> dict:
+        return self.next if self.next is not None else self.data
 
 
 def flops_per_step(a):
@@ -127,7 +157,7 @@ def run(a):
     mem_load = torch.cuda.memory_allocated() if cuda else 0
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
-    data = make_batch(a, a.device)
+    inputs = step_inputs(a, model)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     from harness.memtrace import StepMemory
@@ -141,7 +171,8 @@ def run(a):
         _sync(a.device)
         mem.begin()
         t = time.perf_counter()
-        loss = _step(model, opt, data)
+        loss = _step(model, opt, inputs())
+        inputs.prefetch()
         _sync(a.device)
         mem.end()
         losses.append(loss.item())
@@ -200,7 +231,7 @@ def longest(a):
     def fits(n):
         b = argparse.Namespace(**{**vars(a), "batch": 1, "tokens": n})
         try:
-            _step(model, opt, make_batch(b, a.device))
+            _step(model, opt, step_inputs(b, model)())
             _sync(a.device)
             ok = True
         except torch.OutOfMemoryError:
@@ -225,10 +256,11 @@ def profile(a):
 
     model, _, _ = build(a)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, fused=True)
-    data = make_batch(a, "cuda")
+    inputs = step_inputs(a, model)
 
     def step():
-        _step(model, opt, data)
+        _step(model, opt, inputs())
+        inputs.prefetch()
 
     for _ in range(3):
         step()
@@ -237,7 +269,7 @@ def profile(a):
     ph = {}
     for _ in range(3):
         t0 = time.perf_counter()
-        loss = model(**data).loss
+        loss = model(**inputs()).loss
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
@@ -253,6 +285,7 @@ def profile(a):
                          opt_done=t5 - t4).items():
             ph.setdefault(k, []).append(v)
     print("phases (s, median of 3): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in ph.items()))
+    print_host_syncs(step)
     t = time.perf_counter()
     with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
         for _ in range(2):
@@ -267,6 +300,31 @@ def profile(a):
     print(f"wall {wall:.3f}s for 2 steps (profiled); GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+
+
+def print_host_syncs(step) -> int:
+    """Run one step with CUDA's sync debug mode on and print where the host waited for the GPU (the Python
+    line of each synchronizing call: .item(), .tolist(), a pageable copy, a data-dependent shape, ...)."""
+    import warnings
+    from collections import Counter
+
+    sites: Counter = Counter()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
+    total = sum(sites.values())
+    print(f"host syncs in one step: {total}")
+    for site, n in sites.most_common(25):
+        print(f"  {n:4d}  {site}")
+    return total
 
 
 def _label(r):
@@ -404,6 +462,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
     ap.add_argument("--no-graphs", action="store_true", help="no per-layer CUDA graphs (harness stacks)")
     ap.add_argument("--no-tiled-mlp", action="store_true", help="harness stacks: the compiled MLP untiled")
+    ap.add_argument("--no-host-prep", action="store_true",
+                    help="harness stacks: positions and vision segments computed in the forward (harness/host_prep.py)")
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"])
     ap.add_argument("--steps", type=int, default=10)

@@ -180,6 +180,9 @@ class KernelsConfig:
     # with compile and checkpointing: gated MLPs (16-bit base) tiled over tokens, saving only their input;
     # in a checkpoint's recompute, an MLP that ends its layer skips its forward (kernels/tiled_mlp.py)
     tiled_mlp: bool = True
+    # Qwen2-VL family: M-RoPE positions, vision segments and image-token slots computed by the collator on the
+    # host, so the forward never waits on the GPU (harness/host_prep.py); on any device unless enabled=false
+    host_prep: bool = True
 
 
 @dataclass

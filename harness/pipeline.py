@@ -83,7 +83,13 @@ def accelerate(run: RunConfig, model) -> dict:
                # tiling saves memory by recomputing the MLP in backward: free under checkpointing (the
                # recompute skips it), a cost without
                tiled_mlp=k.tiled_mlp and run.train.gradient_checkpointing != "false")
-    return {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
+    report = {name: len(mods) for name, mods in accelerate_model(model, cfg).items() if mods}
+    if k.host_prep:
+        from harness import host_prep
+
+        if host_prep.install(model) is not None:
+            report["host_prep"] = 1
+    return report
 
 
 def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
@@ -111,6 +117,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
     accelerated = accelerate(run, model)
     collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+    if accelerated.get("host_prep"):
+        from harness import host_prep
+
+        collator = host_prep.PreparingCollator(collator, host_prep.installed_spec(model))
 
     tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]
     wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags) if main else None

@@ -121,17 +121,22 @@ def _attention_patchable(a) -> bool:
         return False
 
 
+def _standard(segments) -> bool:
+    return segments is None or getattr(segments, "_harness_standard_segments", False)
+
+
 def _set_segments(tower, args, kwargs):
     grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
     full = getattr(tower, "fullatt_block_indexes", None)  # windowed towers (Qwen2.5-VL): the full-attention blocks
     image_len = window_len = None
     if torch.is_tensor(grid) and grid.ndim == 2 and grid.shape[0] > 0:
-        rows = [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]  # one host sync per tower call
+        rows = [(int(t), int(h), int(w)) for t, h, w in grid.tolist()]  # a host sync per tower call, unless the grid is on the host (host_prep)
         sizes = {h * w for _t, h, w in rows}  # attention is per frame (cu_seqlens repeats h*w t times)
-        if len(sizes) == 1 and "cu_seqlens" not in kwargs:
+        # caller-given segments (transformers >= 5.1x accepts them as kwargs) are not ours to assume, unless
+        # harness.host_prep built them from this grid (it marks them)
+        if len(sizes) == 1 and _standard(kwargs.get("cu_seqlens")):
             image_len = sizes.pop()
-        # caller-given segments (transformers >= 5.2x accepts them as kwargs) are not ours to assume
-        if full is not None and "cu_window_seqlens" not in kwargs:
+        if full is not None and _standard(kwargs.get("cu_window_seqlens")):
             window_len = _window_len(tower, rows)
     for i, blk in enumerate(tower.blocks):
         windowed = full is not None and i not in full

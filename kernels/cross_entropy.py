@@ -111,7 +111,7 @@ def _default_chunk(n: int, v: int, h: int, elem: int) -> int:
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, softcap, denom, chunk_size):
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, softcap, denom, chunk_size, kept=None):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H)
         lab = labels.reshape(-1)
@@ -123,8 +123,11 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             h2 = h2.to(cdt)
         W = weight if weight.dtype == cdt else weight.to(cdt)
         b = None if bias is None else bias.to(cdt)
-        keep = lab != ignore_index
-        n_keep = int(keep.sum().item())  # one host sync (the mean's denominator needs it anyway)
+        if kept is None:
+            keep = lab != ignore_index
+            n_keep = int(keep.sum().item())  # one host sync (the mean's denominator needs it anyway)
+        else:  # the rows with a label, known on the host (harness.host_prep): no device read
+            kept_rows, n_keep = kept
         if denom is None:
             denom_val = float(n_keep)
         else:
@@ -135,7 +138,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         need_b = bias is not None and bias.requires_grad
         # rows whose label is ignored contribute nothing (loss 0, gradient 0): leave them out of the
         # logits GEMMs (image and prompt tokens are often a quarter or more of a VLM batch)
-        rows = keep.nonzero().squeeze(1) if n_keep < N else None
+        if n_keep >= N:
+            rows = None
+        else:
+            rows = keep.nonzero().squeeze(1) if kept is None else kept_rows
         dh_full = torch.zeros((N, H), dtype=cdt, device=dev) if (need_h and rows is not None) else None
         if rows is not None:
             h2, lab, N = h2.index_select(0, rows), lab.index_select(0, rows), n_keep
@@ -177,15 +183,15 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         dh, dw, dbias = ctx.saved_tensors
         h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
-        scale_needed = not bool((grad_out == 1).all())
+        # scaled always: asking whether grad_out is 1 would be a host sync (dh is small; dw exists only when
+        # the LM head trains)
         if dh is not None:
-            dh = dh * grad_out.to(dh.dtype) if scale_needed else dh
-            dh = dh.view(h_shape).to(h_dtype)
+            dh = (dh * grad_out.to(dh.dtype)).view(h_shape).to(h_dtype)
         if dw is not None:
-            dw = (dw * grad_out.to(dw.dtype) if scale_needed else dw).to(w_dtype)
+            dw = (dw * grad_out.to(dw.dtype)).to(w_dtype)
         if dbias is not None:
             dbias = (dbias * grad_out).to(b_dtype)
-        return dh, dw, None, dbias, None, None, None, None
+        return dh, dw, None, dbias, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -197,16 +203,21 @@ def fused_linear_cross_entropy(
     num_items_in_batch=None,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    kept: tuple[torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """Mean CE of ``hidden @ weight^T`` vs ``labels`` without materialising the logits.
 
     hidden ``[..., H]``, weight ``[V, H]``, labels ``[...]`` (already shifted). With
     ``num_items_in_batch`` the loss is ``sum / num_items_in_batch`` (transformers' convention for
     gradient accumulation). Falls back to the unfused reference without Triton.
+
+    ``kept``: (the flat indices of the rows whose label is not ``ignore_index``, on the device, and their
+    count), when the caller knows them from the host (harness.host_prep): then the kernel reads no device
+    value on the host. They must match ``labels``; nothing checks that (checking would be the sync).
     """
     if use_triton(hidden, weight):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, labels, bias, int(ignore_index), softcap, num_items_in_batch, chunk_size
+            hidden, weight, labels, bias, int(ignore_index), softcap, num_items_in_batch, chunk_size, kept
         )
     return fused_linear_cross_entropy_reference(
         hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index, softcap,

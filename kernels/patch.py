@@ -286,15 +286,22 @@ def _ce_forward(self, *args, **kwargs):
     ignore_index = kw.pop("ignore_index", -100)
     outputs = self.model(**kw)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    if shift_labels is None:
+    own_shift = shift_labels is None
+    if own_shift:
         labels = nn.functional.pad(labels, (0, 1), value=ignore_index)
         shift_labels = labels[..., 1:].contiguous()
     shift_labels = shift_labels.to(hidden.device)
     cfg = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
     softcap = getattr(cfg, "final_logit_softcapping", None)
+    kept = None
+    prep = kw.get("host_prep")  # harness.host_prep: the labelled rows, from the host
+    if prep is not None and getattr(prep, "label_rows", None) is not None and own_shift and ignore_index == -100:
+        dev_prep = prep.to(hidden.device)
+        kept = (dev_prep.label_rows, dev_prep.n_labels)
     loss = fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
         ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items, bias=self.lm_head.bias,
+        kept=kept,
     )
     return CausalLMOutputWithPast(
         loss=loss,

@@ -47,6 +47,22 @@ def test_fused_ce_fp16(seed, cpu_interp, close):
     close(dh, dhr, 1e-2, 1e-3, "dh")
 
 
+@pytest.mark.parametrize("p_ignore", [0.0, 0.4])
+def test_rows_given_by_the_host_give_the_same_loss_and_grads(seed, cpu_interp, close, p_ignore):
+    """``kept`` (harness.host_prep's labelled rows) replaces the device read of the labels: same results."""
+    N, H, V = 41, 32, 517
+    h = torch.randn(N, H, requires_grad=True)
+    w = (torch.randn(V, H) / H**0.5).requires_grad_(True)
+    lab = _labels(N, V, p_ignore)
+    rows = torch.nonzero(lab != -100).flatten()
+    out = []
+    for kept in (None, (rows, int(rows.numel()))):
+        loss = fused_linear_cross_entropy(h, w, lab, chunk_size=8, kept=kept)
+        out.append((loss, *torch.autograd.grad(loss * 0.3, (h, w))))
+    for a, e in zip(out[1], out[0]):
+        close(a, e, 1e-6, 1e-6, "kept rows")
+
+
 def test_all_ignored_is_zero(cpu_interp):
     h = torch.randn(5, 16, requires_grad=True)
     w = torch.randn(33, 16)

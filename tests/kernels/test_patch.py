@@ -101,3 +101,30 @@ def test_auto_on_cpu_swaps_nothing():
     model = _tiny_model()
     assert accelerate_model(model, {"enabled": "auto"}) == {}
     assert accelerate_model(model, {"enabled": False}, force=True) == {}
+
+
+def test_host_prep_with_the_kernels_matches_reference(cpu_interp, monkeypatch):
+    """harness.host_prep on the accelerated model: same loss and LoRA grads, and the fused loss takes its
+    labelled rows from the host (no device read of the labels)."""
+    from harness import host_prep
+    from harness.kernels import cross_entropy
+
+    model = _tiny_model().train()
+    inputs = _inputs(3)
+    inputs["labels"][1, 8:] = -100  # rows without labels: the fused loss leaves them out
+    loss_ref, grads_ref = _loss_and_grads(model, inputs)
+    accelerate_model(model, {"enabled": True}, force=True)
+    spec = host_prep.install(model)
+    assert spec is not None
+    seen = []
+    apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
+                        lambda *a: seen.append(a[-1]) or apply(*a))
+    try:
+        loss, grads = _loss_and_grads(model, dict(inputs, host_prep=host_prep.prepare(inputs, spec)))
+    finally:
+        revert_model(model)
+    assert len(seen) == 1 and seen[0] is not None and seen[0][1] == int((inputs["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
