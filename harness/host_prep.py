@@ -67,8 +67,9 @@ class HostPrep:
     def pin_memory(self) -> "HostPrep":  # DataLoader(pin_memory=True) calls this
         return self._map(torch.Tensor.pin_memory)
 
-    def to(self, device) -> "HostPrep":
-        """The copy on ``device`` (made once: the forward and the loss both ask)."""
+    def to(self, device, non_blocking: bool = True) -> "HostPrep":
+        """The copy on ``device`` (made once: the forward and the loss both ask; accelerate's DataLoader may
+        ask first). Copies are always asynchronous, from page-locked memory; the grid stays on the host."""
         device = torch.device(device)
         if device.type == self.position_ids.device.type:
             return self
@@ -334,4 +335,7 @@ class PreparingCollator:
         return batch
 
     def __getattr__(self, name):  # prompts(), tokens_seen, ... of the wrapped collator
-        return getattr(self.__dict__["collator"], name)
+        inner = self.__dict__.get("collator")
+        if inner is None:  # during unpickling (DataLoader workers under spawn), before __dict__ is filled
+            raise AttributeError(name)
+        return getattr(inner, name)

@@ -247,3 +247,35 @@ def test_label_rows_are_the_shifted_labels_that_count():
     rows = host_prep.label_rows(labels)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
     assert torch.equal(rows, torch.nonzero(shifted != -100).flatten())
+
+
+class _FixedBatches:
+    """A picklable stand-in collator: the same batch for every call, with the attribute a ChatCollator has."""
+
+    tokens_seen = 7
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __call__(self, samples):
+        return dict(self.batch)
+
+
+def test_prepared_batches_cross_dataloader_workers():
+    """In training the collator runs in DataLoader workers: the wrapper and its HostPrep pickle (spawn start
+    method, the strictest), and the wrapped collator's attributes stay reachable."""
+    import pickle
+
+    batch = _batch(9, [[(8, 8)], [(4, 8)]], (0, 4))
+    col = host_prep.PreparingCollator(_FixedBatches(batch), host_prep.PrepSpec(IMG, 2))
+    assert col.tokens_seen == 7
+    again = pickle.loads(pickle.dumps(col))
+    assert again.tokens_seen == 7
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, collate_fn=col, num_workers=1,
+                                         multiprocessing_context="spawn")
+    got = [b["host_prep"] for b in loader]
+    ref = host_prep.prepare(batch, col.spec)
+    assert len(got) == 2
+    for p in got:
+        assert torch.equal(p.position_ids, ref.position_ids) and torch.equal(p.label_rows, ref.label_rows)
+        assert p.vision.keys() == ref.vision.keys() and p.drop_attention_mask and ref.drop_attention_mask
