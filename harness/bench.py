@@ -353,6 +353,7 @@ def table(rows):
         load = "-" if r.get("after_load_gib") is None else f"{r['after_load_gib']:.2f}"
         out.append(f"| {_label(r)} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
                    f"{r['median_step_s']:.3f} s | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
+    out += ratios(rows)
     if longest_rows:
         out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap | GPU memory |",
                 "|---|---|---|---|---|"]
@@ -360,6 +361,25 @@ def table(rows):
             mem = f"capped at {r['memory_gib']:g} GiB" if r.get("memory_gib") else "whole GPU"
             out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {r['cap']:,} | {mem} |")
     return "\n".join(out)
+
+
+def ratios(rows) -> list[str]:
+    """Lines under the table: each harness stack's tokens/s and peak memory against every peer in the same
+    table (the in-call comparison the issue's bars are stated in), same model and shape only."""
+    ok = [r for r in rows if "error" not in r and "longest_tokens" not in r and r.get("tokens_per_s")]
+    lines = []
+    for h in (r for r in ok if r["stack"].startswith("harness")):
+        peers = [p for p in ok if not p["stack"].startswith("harness") and p.get("model") == h.get("model")
+                 and (p["batch"], p["tokens"]) == (h["batch"], h["tokens"])]
+        parts = []
+        for p in peers:
+            mem = ""
+            if h.get("peak_gib") and p.get("peak_gib"):
+                mem = f" at {h['peak_gib'] / p['peak_gib']:.2f}x its peak memory"
+            parts.append(f"{h['tokens_per_s'] / p['tokens_per_s']:.2f}x {p['stack']}{mem}")
+        if parts:
+            lines.append(f"- {_label(h)} tokens/s: " + "; ".join(parts))
+    return [""] + lines if lines else []
 
 
 PLAN = [  # (stack, extra args): the anchor workload, every stack, one table

@@ -81,3 +81,19 @@ def test_a_stack_past_its_time_limit_gets_an_error_row_and_the_rest_run(tmp_path
     assert rows[1].get("tokens_per_s", 0) > 0, rows[1]
     assert len(out.read_text().splitlines()) == 2
     assert "timed out" in bench.table(rows)
+
+
+def test_table_states_each_harness_stack_against_the_peers_of_its_call():
+    from harness.bench import table
+
+    def row(stack, tps, peak, tokens=1024, model="anchor"):
+        return dict(stack=stack, model=model, gc="g", batch=4, tokens=tokens, tokens_per_s=tps, median_step_s=0.1,
+                    peak_gib=peak, after_load_gib=1.0, mfu=0.1, loss_first=1, loss_last=0.5)
+
+    rows = [row("unsloth16", 9000, 5.5), row("hf16", 5000, 12.0), row("harness16", 27000, 5.0),
+            row("hf16", 100, 1.0, tokens=2048),  # another shape: not compared
+            dict(stack="unsloth4", error="timed out after 140 s")]  # an error row: not compared
+    text = table(rows)
+    line = [l for l in text.splitlines() if l.startswith("- harness16")]
+    assert line == ["- harness16 tokens/s: 3.00x unsloth16 at 0.91x its peak memory; "
+                    "5.40x hf16 at 0.42x its peak memory"], text
