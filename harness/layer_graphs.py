@@ -18,6 +18,12 @@ are the same): a replay is "copy in, replay, copy out". Everything a graph alloc
 dead when it ends, so one private pool serves all graphs whatever order they run in, and the
 pool's size is about one layer's activations: the memory checkpointing already needs.
 
+Copies a stack does not need are skipped: the forward graph writes the layer's output into the
+stack's input buffer (the input is dead by then), and the backward graph the input's gradient into
+the output-gradient buffer, so when the next layer (the previous one, in backward) is called with
+the clone just handed out, its copy in finds the buffer already holding it (same memory, layout and
+version counter, the clone still alive) and skips it: per layer and step 5 hidden-size copies, not 7.
+
 A layer signature runs normally (compiled, not graphed) ``warmup`` times first, so the compiler
 has compiled and tuned before capture. Right before capture the graph's body runs once more with
 synchronizing CUDA calls turned into errors: a layer that reads device values on the host (Qwen2.5-VL's
@@ -86,22 +92,58 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
 
 
+class _Held:
+    """What a static buffer holds: a copy of ``src`` as it was (its memory, layout and version counter).
+    ``src`` is referenced weakly: while it is alive no other tensor has its memory, so a tensor with the
+    same data pointer, layout and version is ``src`` or a view of it (``detach()``) with the same values."""
+
+    __slots__ = ("ref", "ptr", "layout", "version")
+
+    def __init__(self, src: torch.Tensor):
+        self.ref = weakref.ref(src)
+        self.ptr = src.data_ptr()
+        self.layout = (tuple(src.shape), src.stride(), src.dtype, src.device)
+        self.version = src._version
+
+    def matches(self, t: torch.Tensor) -> bool:
+        return (self.ref() is not None and t.data_ptr() == self.ptr and t._version == self.version
+                and (tuple(t.shape), t.stride(), t.dtype, t.device) == self.layout)
+
+
 @dataclass
 class _Statics:
-    """Static buffers of one stack and input layout: inputs, outputs, output grads, input grad."""
+    """Static buffers of one stack and input layout: inputs, outputs, output grads, input grad.
+
+    ``outputs[0]`` is ``inputs[0]`` and ``grad_in`` a ``grad_outs`` buffer where the layouts allow (see the
+    module docstring); ``held`` records, per buffer, the tensor it holds a copy of, so repeated copies are
+    skipped (the rotary cos/sin every layer of a stack receives; the clone of the previous layer's result)."""
     inputs: list
-    last_src: list  # per input: (source tensor, its version) last copied in: repeats are skipped
+    held: dict = field(default_factory=dict)  # id(buffer) -> _Held
     outputs: list | None = None
     grad_outs: dict = field(default_factory=dict)  # output-gradient description -> buffers
     grad_in: torch.Tensor | None = None
+    copies: int = 0  # copies into buffers made
+    skipped: int = 0  # and skipped: the buffer held the source already
 
     def copy_in(self, leaves):
-        for i, (dst, src) in enumerate(zip(self.inputs, leaves)):
-            last = self.last_src[i]
-            if last is not None and last[0]() is src and last[1] == src._version:
-                continue  # e.g. the rotary cos/sin every layer of a stack receives
+        self.copy_into(self.inputs, leaves)
+
+    def copy_into(self, buffers, sources):
+        for dst, src in zip(buffers, sources):
+            held = self.held.get(id(dst))
+            if held is not None and held.matches(src):
+                self.skipped += 1
+                continue
             dst.copy_(src)
-            self.last_src[i] = (weakref.ref(src), src._version)
+            self.copies += 1
+            self.held[id(dst)] = _Held(src)
+
+    def handed_out(self, buffer: torch.Tensor, clone: torch.Tensor | None):
+        """A replay wrote ``buffer``; ``clone`` (or None) is the copy of it handed to the caller."""
+        if clone is None:
+            self.held.pop(id(buffer), None)
+        else:
+            self.held[id(buffer)] = _Held(clone)
 
 
 @dataclass
@@ -170,7 +212,7 @@ class LayerGraphs:
         k = (type(layer), _layout(leaves))  # forward and backward graphs of a stack share them
         st = self.statics.get(k)
         if st is None:
-            st = self.statics[k] = _Statics([_empty_like(t) for t in leaves], [None] * len(leaves))
+            st = self.statics[k] = _Statics([_empty_like(t) for t in leaves])
         return st
 
     def _ready(self, key, layout) -> bool:
@@ -247,10 +289,14 @@ class LayerGraphs:
             entry = self._capture_forward(key, layer, call, sig, leaves, autocast)
             if entry is None:
                 return MISS
-        entry.statics.copy_in(leaves)
+        st = entry.statics
+        st.copy_in(leaves)
         entry.graph.replay()
         self.replays += 1
-        return unflatten(entry.out_desc, iter([o.clone() for o in entry.statics.outputs]))
+        outs = [o.clone() for o in st.outputs]
+        for buf, o in zip(st.outputs, outs):
+            st.handed_out(buf, o)  # outputs[0] is inputs[0]: the next layer's copy in is skipped
+        return unflatten(entry.out_desc, iter(outs))
 
     def _record_out(self, layer, sig, out):
         leaves: list = []
@@ -266,7 +312,16 @@ class LayerGraphs:
         st = self._statics_for(layer, leaves)
         if st.outputs is None:
             st.outputs = [torch.empty_strided(shape, stride, dtype=dt, device=self.device)
-                          for shape, stride, dt in out_examples]
+                          for shape, stride, dt in out_examples[1:]]
+            shape, stride, dt = out_examples[0] if out_examples else (None, None, None)
+            h0 = st.inputs[0]
+            if len(out_examples) == 1 and _layout([h0]) == ((shape, stride, dt),):
+                # the input buffer takes the output: the forward no longer needs its input when it
+                # writes the output, and the next layer of the stack is called with that output (one
+                # output only: a second one could be a view of the input, overwritten by the first)
+                st.outputs.insert(0, h0)
+            elif out_examples:
+                st.outputs.insert(0, torch.empty_strided(shape, stride, dtype=dt, device=self.device))
         st.copy_in(leaves)
         desc = sig[0]
 
@@ -281,6 +336,7 @@ class LayerGraphs:
                     dst.copy_(t)
 
         graph = self._capture(key, layer, "forward", body)
+        st.held.clear()  # the probe (and, off the GPU, the capture) ran the body: the buffers changed
         if graph is None:
             return None
         self.out_meta.pop((id(layer), sig), None)
@@ -319,10 +375,10 @@ class LayerGraphs:
                 return MISS
         st = entry.statics
         st.copy_in(leaves)
-        for dst, g in zip(entry.grad_outs, gleaves):
-            dst.copy_(g)
+        st.copy_into(entry.grad_outs, gleaves)  # skipped when grad_in holds it: the next layer's result
         entry.graph.replay()
         self.replays += 1
+        acc, new = [], []
         for flat, members in entry.flats:
             fresh = flat.clone()  # the graph overwrites flat next time: hand autograd its own copy
             for p, off in members:
@@ -330,8 +386,17 @@ class LayerGraphs:
                 if p.grad is None:
                     p.grad = g
                 else:
-                    p.grad.add_(g)
-        return st.grad_in.clone() if hidden.requires_grad else None
+                    acc.append(p.grad)
+                    new.append(g)
+        if acc:  # gradient accumulation: one multi-tensor add
+            torch._foreach_add_(acc, new)
+        if not hidden.requires_grad:
+            if st.grad_in is not None:
+                st.handed_out(st.grad_in, None)
+            return None
+        grad = st.grad_in.clone()
+        st.handed_out(st.grad_in, grad)
+        return grad
 
     def _capture_backward(self, key, layer, recompute, sig, leaves, needs_h, mask, gdesc, gleaves, autocast):
         st = self._statics_for(layer, leaves)
@@ -339,15 +404,13 @@ class LayerGraphs:
         grad_outs = st.grad_outs.get(gdesc)
         if grad_outs is None:
             grad_outs = st.grad_outs[gdesc] = [_empty_like(g) for g in gleaves]
-        for dst, g in zip(grad_outs, gleaves):
-            dst.copy_(g)
+        st.copy_into(grad_outs, gleaves)
         if needs_h and st.grad_in is None:
             h0 = st.inputs[0]
-            out0 = st.outputs[0] if st.outputs else None
-            same = out0 is not None and _layout([out0]) == _layout([h0])
-            # the forward graph's output buffer: each result is cloned right after its replay, so the two
-            # graphs never need it at once
-            st.grad_in = out0 if same else _empty_like(h0)
+            same = bool(grad_outs) and _layout(grad_outs[:1]) == _layout([h0])
+            # the output-gradient buffer: the backward no longer needs the output's gradient when it writes
+            # the input's, and the previous layer's backward is called with that gradient
+            st.grad_in = grad_outs[0] if same else _empty_like(h0)
         params = [p for p in layer.parameters() if p.requires_grad]
         flats = []
         # one set of flat gradient buffers per stack (its layers' trainable weights have the same shapes):
@@ -378,17 +441,27 @@ class LayerGraphs:
                 got = torch.autograd.grad(sel, targets, grad_outputs=grad_outs, allow_unused=True)
                 if needs_h:
                     st.grad_in.copy_(got[0])
+                dst, src = [], []
                 for p, g in zip(params, got[1:] if needs_h else got):
                     if g is None:
                         views[id(p)].zero_()
                     else:
-                        views[id(p)].copy_(g)
+                        dst.append(views[id(p)])
+                        src.append(g)
+                if dst:  # one multi-tensor launch, not two small copies per LoRA layer
+                    torch._foreach_copy_(dst, src)
 
         graph = self._capture(key, layer, "backward", body)
+        st.held.clear()
         if graph is None:
             return None
         entry = self.entries[key] = _Entry(graph, st, flats=flats, grad_outs=grad_outs)
         return entry
+
+    def copy_counts(self) -> tuple[int, int]:
+        """(copies into static buffers made, copies skipped because the buffer held the source)."""
+        sts = list(self.statics.values())
+        return sum(s.copies for s in sts), sum(s.skipped for s in sts)
 
     def summary(self) -> dict:
         return {"captured": self.captured, "replays": self.replays, "failures": list(self.failures),

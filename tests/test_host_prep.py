@@ -261,10 +261,15 @@ class _FixedBatches:
         return dict(self.batch)
 
 
-def test_prepared_batches_cross_dataloader_workers():
+def test_prepared_batches_cross_dataloader_workers(monkeypatch):
     """In training the collator runs in DataLoader workers: the wrapper and its HostPrep pickle (spawn start
     method, the strictest), and the wrapped collator's attributes stay reachable."""
     import pickle
+    from pathlib import Path
+
+    # The stand-in collator pickles by reference as `tests.test_host_prep._FixedBatches` (pytest's importlib
+    # mode): the spawned worker inherits this sys.path, so the repo root must be on it wherever pytest runs.
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
 
     batch = _batch(9, [[(8, 8)], [(4, 8)]], (0, 4))
     col = host_prep.PreparingCollator(_FixedBatches(batch), host_prep.PrepSpec(IMG, 2))
