@@ -464,8 +464,9 @@ class LayerGraphs:
         return sum(s.copies for s in sts), sum(s.skipped for s in sts)
 
     def summary(self) -> dict:
+        made, skipped = self.copy_counts()
         return {"captured": self.captured, "replays": self.replays, "failures": list(self.failures),
-                "ran without graphs": dict(self.misses)}
+                "ran without graphs": dict(self.misses), "buffer copies": {"made": made, "skipped": skipped}}
 
 
 class _CudaGraph:

@@ -31,6 +31,9 @@ def format_summary(m: dict) -> str:
 
 def _graphs_line(g: dict) -> str:
     line = f"{g['captured']} captured, {g['replays']:,} replays"
+    copies = g.get("buffer copies")
+    if copies and copies.get("skipped"):
+        line += f" ({copies['skipped']:,} of {copies['made'] + copies['skipped']:,} input copies skipped)"
     if g.get("failures"):
         line += f"; {len(g['failures'])} layer type(s) without graphs: " + "; ".join(g["failures"])
     return line
