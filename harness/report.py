@@ -59,6 +59,38 @@ def _fmt(v) -> str:
     return str(v)
 
 
+# summary.md columns: header, unit formatter (None: as is), which way is better (+1 higher, -1 lower, 0 neither)
+MD_COLUMNS = {
+    "job": ("job", None, 0),
+    "status": ("status", None, 0),
+    "trainable_params": ("trainable params", lambda v: f"{int(v):,}", 0),
+    "loss_last": ("last loss", lambda v: f"{v:.4f}", -1),
+    "eval_exact_match": ("exact match", lambda v: f"{100 * v:.1f}%", +1),
+    "eval_cer": ("CER", lambda v: f"{v:.3f}", -1),
+    "tokens_per_s": ("tokens/s", lambda v: f"{v:,.0f}", +1),
+    "peak_memory_gib": ("peak GiB", lambda v: f"{v:.2f}", -1),
+    "wall_s": ("wall", lambda v: f"{v:.1f} s", 0),
+}
+
+
+def _fmt_col(col: str, v) -> str:
+    f = MD_COLUMNS[col][1]
+    if f is None or not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+        return _fmt(v)
+    return f(v)
+
+
+def _best(rows: list[dict]) -> dict:
+    """Per column with a direction: the finished job with the best value, when the jobs differ in it."""
+    best = {}
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for col, (_, _, sign) in MD_COLUMNS.items():
+        vals = [(r[col], r) for r in ok if isinstance(r.get(col), (int, float)) and not math.isnan(r[col])]
+        if sign and len(vals) > 1 and len({_fmt_col(col, v) for v, _ in vals}) > 1:
+            best[col] = max(vals, key=lambda vr: sign * vr[0])[1]
+    return best
+
+
 def write_report(sweep_dir: str | Path) -> dict:
     """Write summary.csv, summary.md and PNG plots into sweep_dir; return {"rows", "failed", "files"}."""
     sweep_dir = Path(sweep_dir)
@@ -74,14 +106,23 @@ def write_report(sweep_dir: str | Path) -> dict:
         w.writeheader()
         w.writerows(rows)
     files.append(sweep_dir / "summary.csv")
-    md_cols = ["job", "status", "trainable_params", "loss_last", "eval_exact_match", "eval_cer", "tokens_per_s",
-               "peak_memory_gib", "wall_s"]
+    md_cols = list(MD_COLUMNS)
+    best = _best(rows)
     lines = [f"# Sweep report: {sweep_dir}", "", f"{len(rows)} jobs, "
              f"{sum(r['status'] == 'ok' for r in rows)} ok, {sum(r['status'] != 'ok' for r in rows)} not ok", "",
              f"overrides shared by all jobs: {' '.join(sorted(shared)) or '(none)'}", "",
-             "| swept overrides | " + " | ".join(md_cols) + " |", "|---" * (len(md_cols) + 1) + "|"]
+             "| swept overrides | " + " | ".join(MD_COLUMNS[c][0] for c in md_cols) + " |",
+             "|---|" + "|".join("---:" if MD_COLUMNS[c][1] else "---" for c in md_cols) + "|"]
     for r in rows:
-        lines.append(f"| {r['label']} | " + " | ".join(_fmt(r.get(c)) for c in md_cols) + " |")
+        cells = []
+        for c in md_cols:
+            cell = _fmt_col(c, r.get(c))
+            cells.append(f"**{cell}**" if cell and best.get(c) is r else cell)
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    if best:
+        lines += ["", "Bold: the best finished job per column (" + ", ".join(
+            f"{MD_COLUMNS[c][0]} {'highest' if MD_COLUMNS[c][2] > 0 else 'lowest'}" for c in md_cols
+            if c in best) + ")."]
     errors = [r for r in rows if r.get("error")]
     if errors:
         lines += ["", "## Failed jobs", ""] + [f"- `{r['job']}`: {r['error']} (traceback: "

@@ -131,3 +131,29 @@ def test_memory_does_not_grow_across_in_process_jobs(tmp_path):
     rss = [json.loads((sweep / str(i) / "metrics.json").read_text())["host_rss_start_gib"] for i in range(5)]
     # job 0 pays for first imports and caches; from job 1 on the process must stay flat
     assert max(rss[1:]) - rss[1] < 0.05, rss
+
+
+def test_report_table_reads_in_units_and_marks_the_best(tmp_path):
+    from harness.report import write_report
+
+    def job(name, r, **m):
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- lora.r={r}\n- train.max_steps=10\n")
+        (d / "metrics.json").write_text(json.dumps(dict(status="ok", losses=[[1, 3.0], [10, m["loss_last"]]], **m)))
+
+    job("0", 8, loss_last=0.51234, eval_exact_match=0.9722, eval_cer=0.028, tokens_per_s=13344.4,
+        peak_memory_gib=0.981, wall_s=37.04, trainable_params=194048)
+    job("1", 16, loss_last=0.40001, eval_exact_match=0.95, eval_cer=0.05, tokens_per_s=12000.0,
+        peak_memory_gib=0.981, wall_s=40.0, trainable_params=388096)
+    d = tmp_path / "2"  # killed before it wrote metrics
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("- lora.r=32\n- train.max_steps=10\n")
+    md = write_report(tmp_path)["markdown"]
+    rows = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| lora.r=")}
+    assert rows["| lora.r=8"] == ("| lora.r=8 | 0 | ok | 194,048 | 0.5123 | **97.2%** | **0.028** | **13,344** | 0.98 "
+                                  "| 37.0 s |")
+    assert rows["| lora.r=16"] == "| lora.r=16 | 1 | ok | 388,096 | **0.4000** | 95.0% | 0.050 | 12,000 | 0.98 | 40.0 s |"
+    assert "unknown (no metrics.json" in rows["| lora.r=32"] and "**" not in rows["| lora.r=32"]
+    assert "overrides shared by all jobs: train.max_steps=10" in md  # peak memory ties: nothing bold there
+    assert "Bold: the best finished job per column (last loss lowest, exact match highest, CER lowest, tokens/s highest)" in md
