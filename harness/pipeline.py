@@ -171,6 +171,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""),
         world_size=int(os.environ.get("WORLD_SIZE", 1)), status="ok",
     )
+    from harness.report import plot_run
+
+    plot = plot_run(metrics, run_dir)
+    metrics["plot"] = str(plot) if plot else None
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
     print(format_summary(metrics))

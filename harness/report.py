@@ -145,13 +145,7 @@ def _plots(sweep_dir: Path, rows: list[dict]) -> list[Path]:
     out = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
-        if r.get("losses"):
-            steps, losses = zip(*r["losses"])
-            ax.plot(steps, losses, label=label(r), marker=".")
-    ax.set(xlabel="step", ylabel="training loss", title="Loss curves", yscale="log")
-    if ok:
-        ax.legend(fontsize=7)
+    _loss_curves(ax, [(label(r), r.get("losses")) for r in ok], "Loss curves")
     out.append(_save(fig, sweep_dir / "loss_curves.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -174,6 +168,50 @@ def _plots(sweep_dir: Path, rows: list[dict]) -> list[Path]:
         a.tick_params(labelsize=7)
     out.append(_save(fig, sweep_dir / "throughput_memory.png"))
     return out
+
+
+def _loss_curves(ax, series: list[tuple[str, list]], title: str) -> None:
+    """Training loss per logged step, one line per (label, [[step, loss], ...]), log scale."""
+    drawn = 0
+    for name, losses in series:
+        if losses:
+            steps, values = zip(*losses)
+            ax.plot(steps, values, label=name, marker=".")
+            drawn += 1
+    ax.set(xlabel="step", ylabel="training loss", title=title)
+    if drawn:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.5, 2, 6 rather than 6 x 10^0
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+
+
+def plot_run(metrics: dict, run_dir: str | Path) -> Path | None:
+    """``training.png`` in a run directory: the loss curve, with the run's headline numbers in the title.
+    None (and a log line) when there is nothing to draw or plotting fails: a plot never fails a run."""
+    if not metrics.get("losses"):
+        return None
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        em = metrics.get("eval_exact_match")
+        title = f"{metrics.get('model')} / {metrics.get('strategy')} / {metrics.get('quant')}"
+        if em is not None:
+            title += f": eval exact match {100 * em:.1f}% on {metrics.get('n_eval', 0)}"
+        _loss_curves(ax, [("train", metrics["losses"])], title)
+        ax.title.set_fontsize(9)
+        return _save(fig, Path(run_dir) / "training.png")
+    except Exception as err:  # noqa: BLE001 - e.g. a broken matplotlib backend: the run's results stand
+        log.warning("could not draw training.png: %s", err)
+        return None
 
 
 def _save(fig, path: Path) -> Path:

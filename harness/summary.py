@@ -23,6 +23,7 @@ def format_summary(m: dict) -> str:
         *([("CUDA graphs", _graphs_line(m["cuda_graphs"]))] if m.get("cuda_graphs") else []),
         ("wall time", f"{m['wall_s']:.1f} s (train {m['train_s']:.1f} s, eval {m.get('eval_s', 0):.1f} s)"),
         ("outputs", m["run_dir"]),
+        *([("loss curve", m["plot"])] if m.get("plot") else []),
     ]
     w = max(len(k) for k, _ in rows)
     bar = "=" * (w + 50)

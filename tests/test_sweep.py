@@ -157,3 +157,13 @@ def test_report_table_reads_in_units_and_marks_the_best(tmp_path):
     assert "unknown (no metrics.json" in rows["| lora.r=32"] and "**" not in rows["| lora.r=32"]
     assert "overrides shared by all jobs: train.max_steps=10" in md  # peak memory ties: nothing bold there
     assert "Bold: the best finished job per column (last loss lowest, exact match highest, CER lowest, tokens/s highest)" in md
+
+
+def test_a_run_plot_never_fails_the_run(tmp_path, monkeypatch):
+    from harness import report
+
+    m = dict(model="tiny", strategy="full", quant="none", losses=[[1, 5.0], [10, 0.5]], eval_exact_match=0.9, n_eval=10)
+    assert report.plot_run(dict(m, losses=[]), tmp_path) is None  # nothing to draw
+    assert report.plot_run(m, tmp_path) == tmp_path / "training.png"
+    monkeypatch.setattr(report, "_loss_curves", lambda *a: 1 / 0)
+    assert report.plot_run(m, tmp_path / "other") is None

@@ -29,6 +29,8 @@ def test_cli_default_job_few_steps(tmp_path, repo, fast):
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["trainable_params"] == m["trainable_params"]
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1, "W&B offline run missing from the run dir"
+    assert m["plot"] == str(run_dir / "training.png") and (run_dir / "training.png").stat().st_size > 5000
+    assert f"loss curve                {run_dir / 'training.png'}" in p.stdout
 
 
 @pytest.fixture(scope="module")
