@@ -39,7 +39,10 @@ def dispatch(cfg: DictConfig):
 
         return plan_run(run).trainable_params
     if run.mode == "train":
+        from harness.config import check_optim
         from harness.pipeline import train_run
+
+        check_optim(run.train.optim)
         from harness.secrets import redact
 
         config_dict = redact(OmegaConf.to_container(cfg, resolve=True))

@@ -138,7 +138,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     lr_scheduler_type: str = "linear"
-    optim: str = "adamw_torch"
+    optim: str = "auto"  # auto: adamw_torch_fused on CUDA (one kernel for all LoRA weights), adamw_torch elsewhere
     max_grad_norm: float = 1.0
     logging_steps: int = 1
     gradient_checkpointing: str = "false"
@@ -246,6 +246,16 @@ def register_configs() -> None:
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"invalid config: {key}={value!r} (allowed: {allowed})")
+
+
+def check_optim(name: str) -> None:
+    """``train.optim``: auto or one of the installed transformers' optimizer names (imports transformers, so it
+    runs after the config is validated and bitsandbytes imported; still before any model is built)."""
+    if name == "auto":
+        return
+    from transformers.training_args import OptimizerNames
+
+    _choice("train.optim", name, ("auto", *(o.value for o in OptimizerNames)))
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

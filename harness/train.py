@@ -54,6 +54,54 @@ class MetricsCallback(TrainerCallback):
                                step=state.global_step)
 
 
+def trainer_class():
+    """TRL's SFTTrainer with the loss left to the model.
+
+    TRL (>= 1.x) patches the model's forward with its own chunked LM head and computes the loss, entropy and
+    token accuracy from it in ``compute_loss``. On a GPU that costs about five host syncs per step (the labelled
+    rows picked with a boolean mask, ``.item()`` on entropy, accuracy, the label count and the token count), which
+    stall the host-runs-ahead pipeline that the CUDA graphs and ``harness.host_prep`` build (3 syncs cost 7% of
+    a step on the anchor workload), and it bypasses ``harness.kernels``' fused linear cross-entropy. Here the
+    model's own forward computes the loss (transformers' loss, or the fused kernel when ``kernels`` swapped it
+    in), reduced over ``num_items_in_batch`` like ``transformers.Trainer.compute_loss``; TRL's patch of the
+    forward is undone after TRL has set up. The logs keep loss, grad norm and learning rate; TRL's entropy,
+    mean token accuracy and token count are not computed."""
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class HarnessSFTTrainer(SFTTrainer):
+        def __init__(self, *args, model, **kwargs):
+            before = {id(m): m.__dict__.get("forward", _NONE) for m in model.modules()}
+            super().__init__(*args, model=model, **kwargs)
+            self.restored_forwards = 0
+            for m in model.modules():
+                was = before.get(id(m), _NONE)
+                if m.__dict__.get("forward", _NONE) is not was:
+                    if was is _NONE:
+                        del m.__dict__["forward"]
+                    else:
+                        m.__dict__["forward"] = was
+                    self.restored_forwards += 1
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = {**inputs, "use_cache": False}
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    return HarnessSFTTrainer
+
+
+_NONE = object()
+
+
+def resolve_optim(name: str, device: torch.device) -> str:
+    """``train.optim=auto``: fused AdamW on CUDA (one kernel updates every LoRA weight; the foreach version
+    launches several per weight group), plain AdamW elsewhere."""
+    if name != "auto":
+        return name
+    return "adamw_torch_fused" if device.type == "cuda" else "adamw_torch"
+
+
 def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: torch.dtype):
     from trl import SFTConfig
 
@@ -75,7 +123,7 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler_type,
-        optim=t.optim,
+        optim=resolve_optim(t.optim, device),
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
         logging_first_step=True,
@@ -94,6 +142,12 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
         dataloader_pin_memory=device.type == "cuda",
         max_length=None,
         disable_tqdm=False,
+        # batches are pinned (DataLoader) and copied to the GPU without waiting: the host queues the step
+        # instead of waiting for the previous one to drain
+        accelerator_config={"non_blocking": device.type == "cuda"},
+        # the NaN/inf filter reads the loss on the host every step (a sync); a non-finite loss is logged as it
+        # is instead, and train() warns about it
+        logging_nan_inf_filter=False,
     )
 
 
@@ -105,8 +159,6 @@ def newest_checkpoint(folder: Path) -> Path | None:
 
 def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype, wandb_run=None):
     """Train; return (losses [(step, loss)], tokens seen, train seconds)."""
-    from trl import SFTTrainer
-
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
     k = run.kernels
@@ -114,7 +166,7 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device, graphs=graphs)
     log.info("gradient checkpointing: %s", checkpointing)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
-    trainer = SFTTrainer(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
+    trainer = trainer_class()(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
                          data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
                          callbacks=[cb])
     # TRL casts every trainable parameter of a quantized model to bf16; keep ours as set up

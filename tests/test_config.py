@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
@@ -84,3 +85,16 @@ def test_bench_mode_without_cuda_says_so(tmp_path):
     p = subprocess.run([sys.executable, "-m", "harness", "mode=bench", f"hydra.run.dir={tmp_path}/b"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "mode=bench needs a CUDA GPU" in p.stderr
+
+
+def test_optimizer_name_is_checked_against_transformers():
+    from harness.config import check_optim
+    from harness.train import resolve_optim
+
+    check_optim("auto")
+    check_optim("adamw_torch_fused")
+    with pytest.raises(ConfigError, match=r"train.optim='adamw_fused' \(allowed: one of auto, .*adamw_torch_fused"):
+        check_optim("adamw_fused")
+    assert resolve_optim("auto", torch.device("cuda")) == "adamw_torch_fused"
+    assert resolve_optim("auto", torch.device("cpu")) == "adamw_torch"
+    assert resolve_optim("sgd", torch.device("cuda")) == "sgd"

@@ -128,3 +128,43 @@ def test_host_prep_with_the_kernels_matches_reference(cpu_interp, monkeypatch):
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
     for n in grads_ref:
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_the_trainer_leaves_the_loss_to_the_model(cpu_interp, compose, fast, monkeypatch, tmp_path):
+    """harness.train's SFTTrainer: TRL's own LM-head patch of the forward is undone, so a training step's loss
+    is the model's own, here the fused linear cross-entropy the kernels swapped in (on a GPU: no host syncs
+    in the loss), equal to the model's loss called directly; the trainer's NaN filter (a sync) is off."""
+    from harness.collator import ChatCollator
+    from harness.data import build_datasets
+    from harness.kernels import cross_entropy
+    from harness.pipeline import build
+    from harness.train import IndexedCollator, index_dataset, sft_config, trainer_class
+
+    _, run = compose([*fast, "logger=none", "model.modules_to_save=[]"])  # a plain lm_head: the fused loss applies
+    device, dtype, processor, plan, model = build(run)
+    model.train()
+    report = accelerate_model(model, {"enabled": True, "lora": False, "rms_norm": False, "rope": False,
+                                      "swiglu": False, "cross_entropy": True}, force=True)
+    assert len(report["cross_entropy"]) == 1
+    forwards = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    samples, _ = build_datasets(run.data, run.seed)
+    collator = ChatCollator(processor)
+    try:
+        trainer = trainer_class()(model=model, args=sft_config(run, tmp_path, device, dtype),
+                                  train_dataset=index_dataset(len(samples)),
+                                  data_collator=IndexedCollator(collator, samples), processing_class=processor)
+        assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == forwards
+        assert trainer.args.logging_nan_inf_filter is False
+        calls = []
+        apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
+        monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
+                            lambda *a: calls.append(1) or apply(*a))
+        batch = collator(samples[:2])
+        n_items = (batch["labels"][:, 1:] != -100).sum()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+        direct = model(**batch, num_items_in_batch=n_items).loss
+        assert len(calls) == 2 and loss.requires_grad
+        torch.testing.assert_close(loss, direct)
+        assert 0 < float(loss) < 20
+    finally:
+        revert_model(model)
