@@ -75,8 +75,8 @@ def trainer_class():
             super().__init__(*args, model=model, **kwargs)
             self.restored_forwards = 0
             for m in model.modules():
-                was = before.get(id(m), _NONE)
-                if m.__dict__.get("forward", _NONE) is not was:
+                was, now = before.get(id(m), _NONE), m.__dict__.get("forward", _NONE)
+                if now is not was and _from_trl(now):  # TRL's fused LM head, nothing else (e.g. accelerate's)
                     if was is _NONE:
                         del m.__dict__["forward"]
                     else:
@@ -92,6 +92,12 @@ def trainer_class():
 
 
 _NONE = object()
+
+
+def _from_trl(forward) -> bool:
+    """Whether ``forward`` (a bound method or function) is defined in the trl package."""
+    code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+    return code is not None and "trl" in Path(code.co_filename).parts
 
 
 def resolve_optim(name: str, device: torch.device) -> str:
