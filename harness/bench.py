@@ -207,6 +207,15 @@ def run(a):
     return row
 
 
+def run_trainer(a) -> dict:
+    if not a.stack.startswith("harness"):
+        raise ValueError(f"invalid config: --trainer with stack {a.stack} (allowed: harness16, harness4; the peers "
+                         "run the bench's loop)")
+    from harness.bench_trainer import run_trainer as through_trainer
+
+    return through_trainer(a, build, make_batch, flops_per_step, matmul_rate)
+
+
 def cap_memory(gib: float, device: str) -> float | None:
     """Limit this process's CUDA caching allocator to ``gib`` GiB (an out-of-memory error past it, as on a
     smaller card); the fraction set, or None when uncapped or not on CUDA."""
@@ -329,7 +338,8 @@ def print_host_syncs(step) -> int:
 
 def _label(r):
     m = r.get("model", "anchor")
-    return r["stack"] if m == "anchor" else f"{r['stack']} [{m}]"
+    name = r["stack"] + (" via Trainer" if r.get("loop") == "trainer" else "")
+    return name if m == "anchor" else f"{name} [{m}]"
 
 
 def _last_line(text: str, width: int = 120) -> str:
@@ -456,6 +466,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
     if bench.memory_gib:
         common += ["--memory-gib", str(bench.memory_gib)]
     plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
+    if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
+        plan += [(s, common + ["--gc", bench.gc, "--trainer"]) for s in bench.stacks if s.startswith("harness")]
     if bench.longest:  # then the longest sequence per stack at batch 1
         plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
                  for s in bench.stacks]
@@ -498,6 +510,9 @@ def main():
     ap.add_argument("--mem-trace", action="store_true",
                     help="record the first timed step's allocations and print what is alive at its peak")
     ap.add_argument("--only", default=None, help="comma-separated indices of PLAN to run with --all")
+    ap.add_argument("--trainer", action="store_true",
+                    help="harness stacks: train through harness.train's SFTTrainer, as a `harness` run does "
+                         "(harness/bench_trainer.py), not the bench's own loop")
     a = ap.parse_args()
     if a.profile:
         return profile(a)
@@ -507,7 +522,7 @@ def main():
         import_bitsandbytes()  # peer stacks import it too: no kernel fetched from the Hub (harness.hub_guard)
         cap_memory(a.memory_gib, a.device)
         try:
-            print(json.dumps(longest(a) if a.longest else run(a)), flush=True)
+            print(json.dumps(longest(a) if a.longest else run_trainer(a) if a.trainer else run(a)), flush=True)
         except Exception as e:
             import traceback
 

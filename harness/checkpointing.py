@@ -178,11 +178,20 @@ def offloaded_checkpoint(offloader: ActivationOffloader, fn, *args):
     return _OffloadedCheckpoint.apply(fn, offloader, *args)
 
 
+def checkpointing_mode(mode: str, device: torch.device) -> str:
+    """``train.gradient_checkpointing=auto``: offloaded ("unsloth", with CUDA graphs when on) on CUDA, where it
+    is the fast path and saves activation memory; off elsewhere (small CPU runs gain nothing from recomputing)."""
+    if mode != "auto":
+        return mode
+    return "unsloth" if device.type == "cuda" else "false"
+
+
 def enable_checkpointing(model, mode: str, device: torch.device, force: bool = False, graphs: bool = False) -> str:
     """Set up checkpointing on every GradientCheckpointingLayer; return what was actually enabled.
 
     ``graphs``: with offloading on CUDA, replay each layer's forward and its recompute + backward as
     CUDA graphs (harness.layer_graphs)."""
+    mode = checkpointing_mode(mode, device)
     if mode == "false":
         return "off"
     # torch's checkpoint here: its recompute must save exactly what the first forward saved, so it runs
@@ -222,4 +231,4 @@ def graphs_summary(model) -> dict | None:
     return None
 
 
-__all__ = ["enable_checkpointing", "graphs_summary", "ActivationOffloader", "offloaded_checkpoint", "checkpoint"]
+__all__ = ["checkpointing_mode", "enable_checkpointing", "graphs_summary", "ActivationOffloader", "offloaded_checkpoint", "checkpoint"]

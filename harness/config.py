@@ -141,7 +141,7 @@ class TrainConfig:
     optim: str = "auto"  # auto: adamw_torch_fused on CUDA (one kernel for all LoRA weights), adamw_torch elsewhere
     max_grad_norm: float = 1.0
     logging_steps: int = 1
-    gradient_checkpointing: str = "false"
+    gradient_checkpointing: str = "auto"  # auto: unsloth (offloaded, CUDA graphs) on CUDA, false elsewhere
     full_finetuning: bool = False
     eval_batch_size: int = 64
     max_new_tokens: int = 4
@@ -213,6 +213,7 @@ class BenchConfig:
     max_tokens: int = 65536  # upper end of that search
     timeout_s: float = 0.0  # stop a stack that runs longer (an error row in the table); 0: no limit
     memory_gib: float = 0.0  # cap each stack's GPU memory (e.g. 80 to compare a 141 GB card with an 80 GB one); 0: all
+    trainer: bool = False  # also run the harness stacks through harness.train's SFTTrainer (a `harness` run's loop)
 
 
 @dataclass
@@ -370,7 +371,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     if t.weight_decay < 0:
         _fail("train.weight_decay", t.weight_decay, "a number >= 0")
     t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
-    _choice("train.gradient_checkpointing", t.gradient_checkpointing, CHECKPOINTING)
+    _choice("train.gradient_checkpointing", t.gradient_checkpointing, ("auto", *CHECKPOINTING))
     _choice("train.resume", t.resume, ("none", "auto"))
     if t.full_finetuning and run.quant.mode != "none":
         _fail("train.full_finetuning", True,

@@ -97,3 +97,21 @@ def test_table_states_each_harness_stack_against_the_peers_of_its_call():
     line = [l for l in text.splitlines() if l.startswith("- harness16")]
     assert line == ["- harness16 tokens/s: 3.00x unsloth16 at 0.91x its peak memory; "
                     "5.40x hf16 at 0.42x its peak memory"], text
+
+
+def test_bench_through_the_trainer_on_cpu():
+    """--trainer: the same model and batch through harness.train's SFTTrainer (the loop a `harness` run uses):
+    its first loss is the bench loop's, the row says how it was timed, the table labels it; peers refuse it."""
+    a = argparse.Namespace(stack="harness16", model="tiny_qwen2_vl", device="cpu", batch=2, tokens=48, grid=4, r=4,
+                           gc="unsloth", no_kernels=False, no_compile=False, no_graphs=False, compile_mode="default",
+                           steps=2, warmup=1)
+    loop = bench.run(a)
+    row = bench.run_trainer(a)
+    assert row["loop"] == "trainer" and row["step_time"] == "mean (no per-step sync)"
+    assert row["tokens_per_s"] > 0 and row["optim"] == "adamw_torch" and row["accelerated"] == {"host_prep": 1}
+    assert row["loss_first"] == loop["loss_first"] and math.isfinite(row["loss_last"])
+    assert row["loss_last"] != row["loss_first"]  # it trained (lr 2e-4, 4 steps)
+    md = bench.table([loop, row])
+    assert "| harness16 via Trainer [tiny_qwen2_vl] | standard | 2 x 48 |" in md
+    with pytest.raises(ValueError, match="--trainer with stack hf16"):
+        bench.run_trainer(argparse.Namespace(**{**vars(a), "stack": "hf16"}))

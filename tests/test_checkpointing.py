@@ -74,3 +74,12 @@ def test_the_chosen_mode_is_what_trains(compose, fast, tmp_path, monkeypatch, mo
     funcs = [m._gradient_checkpointing_func for m in layers]
     offloaded = [isinstance(f, functools.partial) and f.func is offloaded_checkpoint for f in funcs]
     assert all(offloaded) if mode == "unsloth" else not any(offloaded)
+
+
+def test_auto_checkpointing_is_offloaded_on_cuda_only():
+    from harness.checkpointing import checkpointing_mode
+
+    assert checkpointing_mode("auto", torch.device("cuda")) == "unsloth"
+    assert checkpointing_mode("auto", torch.device("cpu")) == "false"
+    for mode in ("unsloth", "true", "false"):
+        assert checkpointing_mode(mode, torch.device("cuda")) == mode == checkpointing_mode(mode, torch.device("cpu"))
