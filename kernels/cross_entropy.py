@@ -128,11 +128,16 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             n_keep = int(keep.sum().item())  # one host sync (the mean's denominator needs it anyway)
         else:  # the rows with a label, known on the host (harness.host_prep): no device read
             kept_rows, n_keep = kept
+        inv_t = None  # 1 / num_items_in_batch as a device tensor: applied to the loss and in backward
         if denom is None:
-            denom_val = float(n_keep)
+            inv_n = 1.0 / max(float(n_keep), 1.0)
+        elif torch.is_tensor(denom):
+            # the Trainer counts the batch's labels on the device: reading that count here would be a host
+            # sync, so the kernel computes the sum's gradient and the division happens on the device
+            inv_t = 1.0 / denom.to(device=dev, dtype=torch.float32, non_blocking=True)
+            inv_n = 1.0
         else:
-            denom_val = float(denom.item()) if torch.is_tensor(denom) else float(denom)
-        inv_n = 1.0 / max(denom_val, 1.0) if denom is None else 1.0 / denom_val
+            inv_n = 1.0 / float(denom)
         need_w = weight.requires_grad
         need_h = hidden.requires_grad
         need_b = bias is not None and bias.requires_grad
@@ -173,9 +178,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     dbias += logits.float().sum(0)
                 del logits
         loss = losses.sum()
+        if inv_t is not None:
+            loss = loss * inv_t
         if rows is not None and need_h:
             dh = dh_full.index_copy_(0, rows, dh)
         ctx.save_for_backward(dh, dw, dbias)
+        ctx.inv_t = inv_t
         ctx.shapes = (hidden.shape, hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return loss
 
@@ -183,6 +191,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         dh, dw, dbias = ctx.saved_tensors
         h_shape, h_dtype, w_dtype, b_dtype = ctx.shapes
+        if ctx.inv_t is not None:
+            grad_out = grad_out * ctx.inv_t  # the division by a device-side num_items_in_batch
         # scaled always: asking whether grad_out is 1 would be a host sync (dh is small; dw exists only when
         # the LM head trains)
         if dh is not None:

@@ -16,8 +16,10 @@ def _labels(n, v, p_ignore=0.25):
 
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("weight_grad", [False, True])
-@pytest.mark.parametrize("num_items", [None, 17])
+@pytest.mark.parametrize("num_items", [None, 17, "tensor"])
 def test_fused_ce_fp32(seed, cpu_interp, close, softcap, weight_grad, num_items):
+    if num_items == "tensor":  # as the Trainer passes it: counted on the device
+        num_items = torch.tensor(17)
     N, H, V = 37, 67, 1001
     h = torch.randn(N, 2 * H)[:, ::2].requires_grad_(True)  # non-contiguous
     w = (torch.randn(V, H) / H**0.5).requires_grad_(weight_grad)
@@ -86,3 +88,30 @@ def test_fused_ce_bf16_gpu(cuda, rel, vocab):
     dhr, dwr = torch.autograd.grad(ref, (h32, w32))
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-2
     assert rel(dh, dhr) < 2e-2 and rel(dw, dwr) < 2e-2
+
+
+def test_fused_ce_reads_nothing_back_with_host_rows_and_a_device_count(cpu_interp, close, monkeypatch):
+    """With the labelled rows from the host (harness.host_prep) and num_items_in_batch as a tensor (the
+    Trainer's), forward and backward never read a device value (.item(), nonzero): no host sync on a GPU."""
+    N, H, V = 23, 32, 301
+    h = torch.randn(N, H).requires_grad_(True)
+    w = torch.randn(V, H) / H**0.5
+    lab = _labels(N, V)
+    rows = (lab != -100).nonzero().squeeze(1)
+    n_items = torch.tensor(int((lab != -100).sum()) + 5)  # e.g. the count over accumulated micro-batches
+    ref = fused_linear_cross_entropy_reference(h.detach().double().requires_grad_(True), w.double(), lab,
+                                               num_items_in_batch=n_items)
+
+    def no_read(*a, **k):
+        raise AssertionError("device value read on the host")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_read)
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_read)
+    loss = fused_linear_cross_entropy(h, w, lab, num_items_in_batch=n_items, kept=(rows, len(rows)))
+    (dh,) = torch.autograd.grad(loss * 0.5, (h,))
+    monkeypatch.undo()
+    close(loss, ref, 1e-5, 1e-5, "loss")
+    h64 = h.detach().double().requires_grad_(True)
+    (dhr,) = torch.autograd.grad(fused_linear_cross_entropy_reference(h64, w.double(), lab,
+                                                                      num_items_in_batch=n_items) * 0.5, (h64,))
+    close(dh, dhr, 1e-5, 1e-5, "grad")
