@@ -173,8 +173,8 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     log.info("gradient checkpointing: %s", checkpointing)
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     trainer = trainer_class()(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
-                         data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
-                         callbacks=[cb])
+                              data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
+                              callbacks=[cb])
     # TRL casts every trainable parameter of a quantized model to bf16; keep ours as set up
     # (LoRA as PEFT made it, modules_to_save in fp32).
     for n, p in model.named_parameters():
