@@ -168,3 +168,58 @@ def test_the_trainer_leaves_the_loss_to_the_model(cpu_interp, compose, fast, mon
         assert 0 < float(loss) < 20
     finally:
         revert_model(model)
+
+
+def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, compose, fast, monkeypatch, tmp_path):
+    """The GPU configuration of a `harness` run, on CPU: the fused loss (Triton, interpreted),
+    host_prep in the collator, offloaded checkpointing with per-layer graphs (replayed by the CPU stand-in),
+    all under harness.train's trainer. Its losses follow those of the same run with none of it, every step
+    after the warm-up replays graphs, and the fused loss computes every step's loss."""
+    import functools
+
+    import harness.layer_graphs as layer_graphs
+    import harness.train as train_mod
+    from harness import host_prep
+    from harness.checkpointing import enable_checkpointing, graphs_summary
+    from harness.collator import ChatCollator
+    from harness.data import build_datasets
+    from harness.kernels import cross_entropy
+    from harness.pipeline import build
+
+    from ..test_layer_graphs import Replay
+
+    overrides = [*fast, "logger=none", "model.modules_to_save=[]", "train.max_steps=4", "train.logging_steps=1"]
+
+    def run(fast_paths: bool):
+        _, run = compose(overrides + [f"train.gradient_checkpointing={'unsloth' if fast_paths else 'false'}"])
+        device, dtype, processor, _, model = build(run)
+        samples, _ = build_datasets(run.data, run.seed)
+        collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+        if fast_paths:
+            # the interpreted layer kernels are slow and tested on their own; the fused loss is the one that
+            # meets the trainer
+            accelerate_model(model, {"enabled": True, "compile": False, "lora": False, "rms_norm": False,
+                                     "rope": False, "swiglu": False}, force=True)
+            collator = host_prep.PreparingCollator(collator, host_prep.install(model))
+        losses, _, _ = train_mod.train(run, model, processor, collator, samples, tmp_path / str(fast_paths),
+                                       device, dtype)
+        return model, losses
+
+    _, ref = run(False)
+    calls = []
+    apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
+                        lambda *a: calls.append(a[-1] is not None) or apply(*a))
+    monkeypatch.setattr(layer_graphs, "_CudaGraph", Replay)
+    monkeypatch.setattr(train_mod, "enable_checkpointing", functools.partial(enable_checkpointing, force=True))
+    try:
+        model, got = run(True)
+        g = graphs_summary(model)
+    finally:
+        revert_model(model)
+    assert [s for s, _ in got] == [s for s, _ in ref] == [1, 2, 3, 4]
+    for (_, a), (_, b) in zip(got, ref):
+        assert abs(a - b) <= 1e-3 * abs(b), (got, ref)
+    assert calls == [True] * 4  # every step's loss by the fused kernel, with the labelled rows from the host
+    assert g["failures"] == [] and g["captured"] > 0 and g["replays"] >= 2 * g["captured"]
+    assert g["buffer copies"]["skipped"] > 0
