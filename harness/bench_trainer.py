@@ -58,6 +58,10 @@ def run_trainer(a, build, make_batch, flops_per_step, matmul_rate) -> dict:
     spec = host_prep.installed_spec(model)
     if spec is not None:
         collator = host_prep.PreparingCollator(collator, spec)
+    elif accelerated.get("cross_entropy"):
+        from harness.loss_rows import LossRowsCollator
+
+        collator = LossRowsCollator(collator)
     timed_from, timed_to = a.warmup, a.warmup + a.steps  # global steps after which the clock starts / stops
 
     def sync():

@@ -123,6 +123,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         from harness import host_prep
 
         collator = host_prep.PreparingCollator(collator, host_prep.installed_spec(model))
+    elif accelerated.get("cross_entropy"):  # the fused loss's labelled rows from the host (harness/loss_rows.py)
+        from harness.loss_rows import LossRowsCollator
+
+        collator = LossRowsCollator(collator)
 
     tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]
     wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags) if main else None

@@ -264,6 +264,8 @@ def _mlp_forward(self, x):
 # --------------------------------------------------------------------------- cross-entropy
 def _ce_forward(self, *args, **kwargs):
     orig = _original_forward(self)
+    # the labelled rows from the collator (harness.loss_rows): the loss's business, never the model's
+    loss_rows = kwargs.pop("loss_rows", None)
     labels = kwargs.get("labels")
     ltk = kwargs.get("logits_to_keep", 0)
     if (
@@ -298,6 +300,9 @@ def _ce_forward(self, *args, **kwargs):
     if prep is not None and getattr(prep, "label_rows", None) is not None and own_shift and ignore_index == -100:
         dev_prep = prep.to(hidden.device)
         kept = (dev_prep.label_rows, dev_prep.n_labels)
+    elif loss_rows is not None and own_shift and ignore_index == -100:
+        dev_rows = loss_rows.to(hidden.device)
+        kept = (dev_rows.rows, dev_rows.n)
     loss = fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
         ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items, bias=self.lm_head.bias,

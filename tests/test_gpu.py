@@ -209,3 +209,19 @@ def test_layers_that_synchronize_run_without_graphs_on_cuda(grid):
         assert any("VisionBlock" in f for f in lg.failures), lg.summary()
     torch.randn(4, device="cuda")  # the CUDA RNG is usable
     print("\n", lg.summary())
+
+
+def test_loss_rows_reach_the_gpu_once_and_without_a_sync():
+    from harness.loss_rows import LossRows
+
+    labels = torch.full((2, 9), -100)
+    labels[0, 3:7] = 5
+    rows = LossRows.of(labels).pin_memory()
+    assert rows.rows.is_pinned() and rows.n == 4
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dev = rows.to("cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert dev is rows.to("cuda") and dev.rows.is_cuda and dev.rows.tolist() == [2, 3, 4, 5]

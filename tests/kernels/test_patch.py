@@ -223,3 +223,46 @@ def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, 
     assert calls == [True] * 4  # every step's loss by the fused kernel, with the labelled rows from the host
     assert g["failures"] == [] and g["captured"] > 0 and g["replays"] >= 2 * g["captured"]
     assert g["buffer copies"]["skipped"] > 0
+
+
+def test_loss_rows_from_the_collator_feed_the_fused_loss(cpu_interp, compose, fast, monkeypatch):
+    """Models without host_prep (a text LLM here): the collator adds the labelled rows (harness.loss_rows), the
+    fused loss takes them instead of reading the labels back, and the loss and LoRA grads are those of
+    transformers' loss; a forward without labels (generation) never sees the key."""
+    import pickle
+
+    from harness.collator import ChatCollator
+    from harness.data import build_datasets
+    from harness.kernels import cross_entropy
+    from harness.loss_rows import LossRows, LossRowsCollator
+    from harness.pipeline import build
+
+    _, run = compose([*fast, "logger=none", "model=tiny_llama", "model.modules_to_save=[]"])
+    device, dtype, processor, plan, model = build(run)
+    model.train()
+    samples, _ = build_datasets(run.data, run.seed)
+    collator = LossRowsCollator(ChatCollator(processor))
+    assert pickle.loads(pickle.dumps(collator)).collator is not None and collator.tokenizer is not None
+    batch = collator(samples[:3])
+    rows = batch.pop("loss_rows")
+    shifted = torch.nn.functional.pad(batch["labels"], (0, 1), value=-100)[:, 1:].reshape(-1)
+    assert torch.equal(rows.rows, (shifted != -100).nonzero().squeeze(1)) and rows.n == len(rows.rows)
+    assert isinstance(rows, LossRows) and rows.to("cpu") is rows  # on the host already: no copy
+    loss_ref, grads_ref = _loss_and_grads(model, batch)
+    report = accelerate_model(model, {"enabled": True, "lora": False, "rms_norm": False, "rope": False,
+                                      "swiglu": False, "cross_entropy": True}, force=True)
+    assert len(report["cross_entropy"]) == 1
+    seen = []
+    apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
+                        lambda *a: seen.append(a[-1]) or apply(*a))
+    try:
+        loss, grads = _loss_and_grads(model, dict(batch, loss_rows=rows))
+        with torch.no_grad():
+            model(**{k: v for k, v in batch.items() if k != "labels"}, loss_rows=rows)  # popped, not passed on
+    finally:
+        revert_model(model)
+    assert len(seen) == 1 and seen[0][1] == rows.n and torch.equal(seen[0][0], rows.rows)
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
