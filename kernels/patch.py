@@ -262,6 +262,24 @@ def _mlp_forward(self, x):
 
 
 # --------------------------------------------------------------------------- cross-entropy
+def _plain_head(head) -> nn.Linear | None:
+    """The ``nn.Linear`` a forward would run as the LM head: the head itself, or, for a head trained as a PEFT
+    ``modules_to_save`` module, the active adapter's trainable copy (the original when adapters are off).
+    None for anything else (another wrapper, several active adapters): the model's own loss runs then."""
+    if type(head) is nn.Linear:
+        return head
+    if type(head).__name__ != "ModulesToSaveWrapper" or type(getattr(head, "original_module", None)) is not nn.Linear:
+        return None
+    active = head.active_adapters
+    # as the wrapper's forward picks: the original when adapters are off or an active one is not its own
+    if head.disable_adapters or not active or any(a not in head._adapters for a in active):
+        return head.original_module
+    if active[0] not in head.modules_to_save:
+        return None
+    copy = head.modules_to_save[active[0]]
+    return copy if type(copy) is nn.Linear else None
+
+
 def _ce_forward(self, *args, **kwargs):
     orig = _original_forward(self)
     # the labelled rows from the collator (harness.loss_rows): the loss's business, never the model's
@@ -275,9 +293,11 @@ def _ce_forward(self, *args, **kwargs):
         or (isinstance(ltk, int) and ltk != 0)
         or torch.is_tensor(ltk)
         or kwargs.get("return_dict") is False
-        or not isinstance(getattr(self, "lm_head", None), nn.Linear)
+        or "adapter_names" in kwargs  # PEFT's mixed-adapter batches: the wrapper routes rows itself
+        or _plain_head(getattr(self, "lm_head", None)) is None
     ):
         return orig(*args, **kwargs)
+    head = _plain_head(self.lm_head)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kw = dict(kwargs)
@@ -304,8 +324,8 @@ def _ce_forward(self, *args, **kwargs):
         dev_rows = loss_rows.to(hidden.device)
         kept = (dev_rows.rows, dev_rows.n)
     loss = fused_linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1),
-        ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items, bias=self.lm_head.bias,
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1),
+        ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items, bias=head.bias,
         kept=kept,
     )
     return CausalLMOutputWithPast(
@@ -425,7 +445,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
 
     if want_ce:
         name, lm = _find_lm_model(model)
-        if lm is not None and isinstance(lm.lm_head, nn.Linear) and type(lm.lm_head) is nn.Linear:
+        if lm is not None and _plain_head(lm.lm_head) is not None:  # also a head trained via modules_to_save
             _swap_forward(lm, _ce_forward)
             report["cross_entropy"].append(name)
     if want_compile:

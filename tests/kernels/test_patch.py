@@ -266,3 +266,42 @@ def test_loss_rows_from_the_collator_feed_the_fused_loss(cpu_interp, compose, fa
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
     for n in grads_ref:
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_a_head_trained_as_modules_to_save_gets_the_fused_loss(cpu_interp, compose, fast, monkeypatch):
+    """The default tiny job trains lm_head through PEFT's modules_to_save: the fused loss runs on the trainable
+    copy (the wrapper's active module), with the same loss and gradients, the head's included, as transformers'
+    loss; with adapters disabled it uses the original head."""
+    from harness.kernels import cross_entropy
+    from harness.kernels.patch import _plain_head
+    from harness.collator import ChatCollator
+    from harness.data import build_datasets
+    from harness.pipeline import build
+
+    _, run = compose([*fast, "logger=none"])  # conf/model/tiny_qwen2_vl: modules_to_save [lm_head]
+    device, dtype, processor, plan, model = build(run)
+    model.train()
+    lm = model.base_model.model
+    assert type(lm.lm_head).__name__ == "ModulesToSaveWrapper"
+    assert _plain_head(lm.lm_head) is lm.lm_head.modules_to_save["default"]
+    samples, _ = build_datasets(run.data, run.seed)
+    batch = ChatCollator(processor)(samples[:3])
+    loss_ref, grads_ref = _loss_and_grads(model, batch)
+    assert any("modules_to_save" in n and "lm_head" in n for n in grads_ref)
+    report = accelerate_model(model, {"enabled": True, "lora": False, "rms_norm": False, "rope": False,
+                                      "swiglu": False, "cross_entropy": True}, force=True)
+    assert len(report["cross_entropy"]) == 1
+    seen = []
+    apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
+    monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
+                        lambda *a: seen.append(a[1]) or apply(*a))
+    try:
+        loss, grads = _loss_and_grads(model, batch)
+        with model.disable_adapter():
+            assert _plain_head(lm.lm_head) is lm.lm_head.original_module
+    finally:
+        revert_model(model)
+    assert len(seen) == 1 and seen[0] is lm.lm_head.modules_to_save["default"].weight
+    torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
+    for n in grads_ref:
+        torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
