@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from harness import modeling
-from harness.checkpointing import checkpointing_mode
 from harness.collator import ChatCollator
 from harness.config import RunConfig
 from harness.data import build_datasets
@@ -74,6 +73,8 @@ def accelerate(run: RunConfig, model) -> dict:
     if run.kernels.enabled == "false":
         return {}
     from harness.kernels import accelerate_model
+
+    from harness.checkpointing import checkpointing_mode
 
     k = run.kernels
     # the trainer leaves the loss to the model (harness.train.trainer_class): the fused linear cross-entropy
@@ -172,6 +173,9 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         trainable_by_component=plan.per_component() if plan is not None else None,
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
         peak_memory_gib=peak, peak_memory_kind=peak_kind, accelerated=accelerated,
+        # what `auto` settings became on this device (the saved config keeps `auto`)
+        **_resolved(run, device),
+
         cuda_graphs=graphs_summary(model),
         train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
         host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""),
@@ -185,6 +189,14 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
     print(format_summary(metrics))
     return metrics
+
+
+def _resolved(run: RunConfig, device: torch.device) -> dict:
+    from harness.checkpointing import checkpointing_mode
+    from harness.train import resolve_optim
+
+    return {"resolved": dict(optim=resolve_optim(run.train.optim, device),
+                             gradient_checkpointing=checkpointing_mode(run.train.gradient_checkpointing, device))}
 
 
 def push_to_hub(folder: Path, repo_id: str) -> None:

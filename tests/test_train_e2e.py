@@ -24,6 +24,7 @@ def test_cli_default_job_few_steps(tmp_path, repo, fast):
     assert m["status"] == "ok" and len(m["losses"]) == 4
     assert all(l == l and l < 100 for _, l in m["losses"])  # finite
     assert m["trainable_params"] > 0 and m["tokens_per_s"] > 0 and 0.0 <= m["eval_exact_match"] <= 1.0
+    assert m["resolved"] == {"optim": "adamw_torch", "gradient_checkpointing": "false"}  # `auto` on CPU
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
     plan = json.loads((run_dir / "plan.json").read_text())
