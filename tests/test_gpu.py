@@ -13,6 +13,10 @@ def test_4bit_training_on_cuda(compose, fast, tmp_path):
     m = train_run(run, {}, tmp_path)
     assert m["device"].startswith("cuda") and m["dtype"] == "bfloat16"
     assert all(l == l for _, l in m["losses"])
+    # the CUDA defaults: fused AdamW, offloaded checkpointing with graphs, the fused loss on the trained head
+    assert m["resolved"] == {"optim": "adamw_torch_fused", "gradient_checkpointing": "unsloth"}
+    assert m["accelerated"].get("cross_entropy") == 1 and m["accelerated"].get("host_prep") == 1
+    assert m["cuda_graphs"]["captured"] > 0 and not m["cuda_graphs"]["failures"], m["cuda_graphs"]
     print(f"\n4-bit tiny run on {torch.cuda.get_device_name()}: losses {m['losses']}, "
           f"peak {m['peak_memory_gib']:.3f} GiB, {m['tokens_per_s']:.0f} tokens/s, accelerated {m['accelerated']}")
 
