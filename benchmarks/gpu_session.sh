@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The measurements a GPU call owes the open issues, in parts that each fit the device tool's 10-minute limit.
+# On the lent machine, repo root, `.whl` carried:
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tests      # ~4 min
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh trainer    # ~2 min: loop vs Trainer
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh peers      # ~8 min: the six stacks
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh unsloth    # ~5 min: Unsloth vs loop + Trainer
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
+# Everything it prints is also written under $OUT (or ./gpu_out), one file per part.
+set -uo pipefail
+part=${1:-tests}
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+case "$part" in
+  tests)  # GPU tests: kernels at real shapes, graphs vs eager, the 4-bit run with the CUDA defaults
+    python3 -m pytest -q -m gpu tests/test_gpu.py tests/kernels -x -s 2>&1 | tee "$out/tests.txt" ;;
+  trainer)  # the bench's loop and the harness's training loop, same model and batch, one process each
+    for s in harness16 harness4; do
+      python3 -m harness.bench --stack "$s" 2>&1 | tail -1
+      python3 -m harness.bench --stack "$s" --trainer 2>&1 | tail -1
+    done | tee "$out/trainer.jsonl" ;;
+  peers)  # the anchor table, six stacks, each in its own process (Unsloth compiles on a cold cache: ~450 s in all)
+    python3 -m harness mode=bench logger=none bench.timeout_s=300 hydra.run.dir="$out/bench" 2>&1 \
+      | tee "$out/peers.txt" ;;
+  unsloth)  # Unsloth (cache warm after `peers`) beside the harness, its loop and its Trainer, in one table
+    python3 -m harness mode=bench logger=none "bench.stacks=[unsloth16,unsloth4,harness16,harness4]" \
+      bench.trainer=true bench.timeout_s=200 hydra.run.dir="$out/unsloth" 2>&1 | tee "$out/unsloth.txt" ;;
+  longest)  # an 80 GB card's memory on any card, so H100 and H200 calls compare
+    python3 -m harness mode=bench logger=none "bench.stacks=[hf16,unsloth16,harness16]" bench.longest=true \
+      bench.memory_gib=80 bench.max_tokens=131072 bench.timeout_s=240 hydra.run.dir="$out/longest" 2>&1 \
+      | tee "$out/longest.txt" ;;
+  kernels)
+    python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
+  *)
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|longest|kernels" >&2; exit 2 ;;
+esac
