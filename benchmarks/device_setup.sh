@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Source this on the lent GPU machine (repo root, `.whl` carried): installs the carried wheels into
 # /tmp/site and the project itself (editable), with no package index.
-#   .whl/w      hydra-core, omegaconf, trl, datasets, multiprocess, dill, bitsandbytes (pip download, see
-#               docs/benchmarks.md); .whl/peers: benchmarks/fetch_peer_wheels.sh; .whl/site: pure-Python
-#               packages that PyPI has no wheel for (antlr4-python3-runtime 4.9.3), copied from a local venv.
+#   .whl/w      hydra-core, omegaconf, trl, datasets, multiprocess, dill, bitsandbytes; .whl/peers: the peer
+#               stacks' wheels; .whl/site: pure-Python packages that PyPI has no wheel for (antlr4-python3-runtime).
+#               All three: `bash benchmarks/fetch_harness_wheels.sh` on this side first.
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/w/*.whl .whl/peers/*.whl 2>&1 | tail -3
 cp -r .whl/site/. /tmp/site/
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 WANDB_MODE=offline
