@@ -85,13 +85,72 @@ def trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = {**inputs, "use_cache": False}
-            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
+            loss, outputs = Trainer.compute_loss(self, model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            if model.training:
+                self.accuracy.add(model, inputs, outputs)
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if "loss" in logs:  # a training log: the token accuracy since the last one (read here only)
+                acc = self.accuracy.read()
+                if acc is not None:
+                    logs["mean_token_accuracy"] = acc
+            super().log(logs, start_time)
+
+        @property
+        def accuracy(self):
+            if "_accuracy" not in self.__dict__:
+                self._accuracy = TokenAccuracy()
+            return self._accuracy
 
     return HarnessSFTTrainer
 
 
 _NONE = object()
+
+
+class TokenAccuracy:
+    """Share of labelled tokens whose label is the model's top-1 prediction, summed on the device step by step
+    and read on the host only when the trainer logs (TRL's own metric reads it back every step). From the
+    fused loss's counts (harness.kernels) when it ran, else from the logits the model returned."""
+
+    def __init__(self):
+        self.hits = self.n_dev = None
+        self.n_host = 0
+        self._lm = _NONE
+
+    def add(self, model, inputs, outputs) -> None:
+        from harness.kernels.patch import TOP1_STATS, _find_lm_model
+
+        if self._lm is _NONE:
+            self._lm = _find_lm_model(model)[1]
+        stats = self._lm.__dict__.pop(TOP1_STATS, None) if self._lm is not None else None
+        if stats is not None:
+            hits, n = stats
+        else:
+            logits, labels = getattr(outputs, "logits", None), inputs.get("labels")
+            if logits is None or labels is None or logits.dim() != 3 or logits.shape[:2] != labels.shape:
+                return
+            with torch.no_grad():
+                lab = labels[:, 1:]
+                mask = lab != -100
+                hits = ((logits[:, :-1].argmax(-1) == lab) & mask).sum().float()
+                n = mask.sum()
+        self.hits = hits if self.hits is None else self.hits + hits
+        if torch.is_tensor(n):
+            self.n_dev = n if self.n_dev is None else self.n_dev + n
+        else:
+            self.n_host += int(n)
+
+    def read(self) -> float | None:
+        if self.hits is None:
+            return None
+        n = self.n_host + (int(self.n_dev) if self.n_dev is not None else 0)
+        acc = round(float(self.hits) / max(n, 1), 4)
+        self.hits = self.n_dev = None
+        self.n_host = 0
+        return acc
 
 
 def _from_trl(forward) -> bool:

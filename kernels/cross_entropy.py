@@ -21,6 +21,7 @@ from ._triton_utils import jit, next_pow2, tl, use_triton
 
 __all__ = [
     "fused_linear_cross_entropy",
+    "top1_hits",
     "fused_linear_cross_entropy_reference",
     "FusedLinearCrossEntropyFunction",
 ]
@@ -50,7 +51,7 @@ def _tanh(x):
 
 @jit
 def _ce_chunk_kernel(
-    LOGITS, stride_l, LABELS, LOSS,
+    LOGITS, stride_l, LABELS, LOSS, TOP1,
     V, ignore_index, inv_n, softcap,
     SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -77,6 +78,7 @@ def _ce_chunk_kernel(
     if label == ignore_index:
         # ignored row: zero loss, zero gradient
         tl.store(LOSS + row, 0.0)
+        tl.store(TOP1 + row, 0.0)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             tl.store(base + cols, tl.zeros([BLOCK_V], dtype=tl.float32).to(LOGITS.dtype.element_ty), mask=cols < V)
@@ -85,6 +87,8 @@ def _ce_chunk_kernel(
         if SOFTCAP:
             z_label = softcap * _tanh(z_label / softcap)
         tl.store(LOSS + row, (lse - z_label) * inv_n)
+        # the label is the model's top-1 prediction (its logit is the row's maximum; ties count)
+        tl.store(TOP1 + row, (z_label >= m_row).to(tl.float32))
         # pass 2: gradient wrt the (pre-softcap) logits, written in place
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -111,7 +115,7 @@ def _default_chunk(n: int, v: int, h: int, elem: int) -> int:
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index, softcap, denom, chunk_size, kept=None):
+    def forward(ctx, hidden, weight, labels, bias, ignore_index, softcap, denom, chunk_size, kept=None, top1=None):
         H = hidden.shape[-1]
         h2 = hidden.reshape(-1, H)
         lab = labels.reshape(-1)
@@ -154,6 +158,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         dw = torch.zeros((V, H), dtype=cdt, device=dev) if need_w else None  # accumulated in cdt
         dbias = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
         losses = torch.empty(N, dtype=torch.float32, device=dev)
+        hits = torch.empty(N, dtype=torch.float32, device=dev)  # 1 where the label is the top-1 logit
         C = chunk_size or _default_chunk(N, V, H, torch.finfo(cdt).bits // 8)
         block_v = min(4096, next_pow2(V))
         with torch.autocast(device_type=dev.type, enabled=False):
@@ -165,7 +170,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 if not lab_c.is_contiguous():
                     lab_c = lab_c.contiguous()
                 _ce_chunk_kernel[(s1 - s0,)](
-                    logits, logits.stride(0), lab_c, losses[s0:s1],
+                    logits, logits.stride(0), lab_c, losses[s0:s1], hits[s0:s1],
                     V, ignore_index, inv_n, float(softcap or 0.0),
                     SOFTCAP=bool(softcap), BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4,
                 )
@@ -178,6 +183,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                     dbias += logits.float().sum(0)
                 del logits
         loss = losses.sum()
+        if top1 is not None:  # the caller's running count of top-1 hits (a metric: read at logging time)
+            top1 += hits.sum()
         if inv_t is not None:
             loss = loss * inv_t
         if rows is not None and need_h:
@@ -201,7 +208,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             dw = (dw * grad_out.to(dw.dtype)).to(w_dtype)
         if dbias is not None:
             dbias = (dbias * grad_out).to(b_dtype)
-        return dh, dw, None, dbias, None, None, None, None, None
+        return dh, dw, None, dbias, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -214,6 +221,7 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     kept: tuple[torch.Tensor, int] | None = None,
+    top1: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean CE of ``hidden @ weight^T`` vs ``labels`` without materialising the logits.
 
@@ -224,12 +232,24 @@ def fused_linear_cross_entropy(
     ``kept``: (the flat indices of the rows whose label is not ``ignore_index``, on the device, and their
     count), when the caller knows them from the host (harness.host_prep): then the kernel reads no device
     value on the host. They must match ``labels``; nothing checks that (checking would be the sync).
+
+    ``top1``: a float32 scalar tensor on the device; the number of labelled rows whose label is the top-1
+    logit is added to it (token accuracy, without a host read).
     """
     if use_triton(hidden, weight):
         return FusedLinearCrossEntropyFunction.apply(
-            hidden, weight, labels, bias, int(ignore_index), softcap, num_items_in_batch, chunk_size, kept
+            hidden, weight, labels, bias, int(ignore_index), softcap, num_items_in_batch, chunk_size, kept, top1
         )
-    return fused_linear_cross_entropy_reference(
-        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), ignore_index, softcap,
-        num_items_in_batch, bias,
-    )
+    h2, lab = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if top1 is not None:
+        top1 += top1_hits(h2, weight, lab, ignore_index, softcap, bias)
+    return fused_linear_cross_entropy_reference(h2, weight, lab, ignore_index, softcap, num_items_in_batch, bias)
+
+
+def top1_hits(hidden, weight, labels, ignore_index: int = -100, softcap: float | None = None, bias=None):
+    """Reference count of labelled rows whose label is the argmax of the logits (softcap is monotonic: no
+    effect on the argmax)."""
+    with torch.no_grad():
+        logits = F.linear(hidden, weight, bias).float()
+        z_label = logits.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+        return ((z_label >= logits.max(1).values) & (labels != ignore_index)).sum().float()

@@ -262,6 +262,9 @@ def _mlp_forward(self, x):
 
 
 # --------------------------------------------------------------------------- cross-entropy
+TOP1_STATS = "_harness_top1"  # set by _ce_forward on the LM module: (top-1 hits, labelled tokens) of its last call
+
+
 def _plain_head(head) -> nn.Linear | None:
     """The ``nn.Linear`` a forward would run as the LM head: the head itself, or, for a head trained as a PEFT
     ``modules_to_save`` module, the active adapter's trainable copy (the original when adapters are off).
@@ -323,18 +326,24 @@ def _ce_forward(self, *args, **kwargs):
     elif loss_rows is not None and own_shift and ignore_index == -100:
         dev_rows = loss_rows.to(hidden.device)
         kept = (dev_rows.rows, dev_rows.n)
+    top1 = torch.zeros((), dtype=torch.float32, device=hidden.device)
     loss = fused_linear_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]), head.weight, shift_labels.reshape(-1),
         ignore_index=ignore_index, softcap=softcap, num_items_in_batch=num_items, bias=head.bias,
-        kept=kept,
+        kept=kept, top1=top1,
     )
-    return CausalLMOutputWithPast(
+    out = CausalLMOutputWithPast(
         loss=loss,
         logits=None,
         past_key_values=getattr(outputs, "past_key_values", None),
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),
     )
+    # token accuracy without the logits: top-1 hits and labelled tokens, left on the device (the count known on
+    # the host when kept): harness.train's trainer takes them after each step and reads them when it logs. On
+    # the module, not the output: accelerate's mixed-precision wrapper rebuilds the output object.
+    self.__dict__[TOP1_STATS] = (top1, kept[1] if kept is not None else (shift_labels != ignore_index).sum())
+    return out
 
 
 def _find_lm_model(model: nn.Module):

@@ -20,6 +20,7 @@ def test_cli_default_job_few_steps(tmp_path, repo, fast):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "run summary" in p.stdout and "eval exact match" in p.stdout
+    assert "'mean_token_accuracy':" in p.stdout  # logged by harness.train's trainer at each logging step
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["status"] == "ok" and len(m["losses"]) == 4
     assert all(l == l and l < 100 for _, l in m["losses"])  # finite

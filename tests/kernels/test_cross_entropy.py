@@ -5,6 +5,7 @@ from harness.kernels.cross_entropy import (
     FusedLinearCrossEntropyFunction,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
+    top1_hits,
 )
 
 
@@ -24,7 +25,11 @@ def test_fused_ce_fp32(seed, cpu_interp, close, softcap, weight_grad, num_items)
     h = torch.randn(N, 2 * H)[:, ::2].requires_grad_(True)  # non-contiguous
     w = (torch.randn(V, H) / H**0.5).requires_grad_(weight_grad)
     lab = _labels(N, V)
-    loss = FusedLinearCrossEntropyFunction.apply(h, w, lab, None, -100, softcap, num_items, 8)  # 5 chunks
+    best = (h.detach() @ w.detach().t()).argmax(1)
+    lab[::3] = torch.where(lab[::3] == -100, lab[::3], best[::3])  # some rows predicted right: top-1 hits
+    top1 = torch.zeros(())
+    loss = FusedLinearCrossEntropyFunction.apply(h, w, lab, None, -100, softcap, num_items, 8, None, top1)  # 5 chunks
+    assert float(top1) == float(top1_hits(h.detach(), w.detach(), lab)) > 0  # rows whose label is the argmax
     inputs = (h, w) if weight_grad else (h,)
     g = torch.autograd.grad(loss * 1.7, inputs)  # non-unit upstream grad
     h64, w64 = h.detach().double().requires_grad_(True), w.detach().double().requires_grad_(weight_grad)

@@ -119,7 +119,7 @@ def test_host_prep_with_the_kernels_matches_reference(cpu_interp, monkeypatch):
     seen = []
     apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
     monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
-                        lambda *a: seen.append(a[-1]) or apply(*a))
+                        lambda *a: seen.append(a[8]) or apply(*a))
     try:
         loss, grads = _loss_and_grads(model, dict(inputs, host_prep=host_prep.prepare(inputs, spec)))
     finally:
@@ -133,7 +133,8 @@ def test_host_prep_with_the_kernels_matches_reference(cpu_interp, monkeypatch):
 def test_the_trainer_leaves_the_loss_to_the_model(cpu_interp, compose, fast, monkeypatch, tmp_path):
     """harness.train's SFTTrainer: TRL's own LM-head patch of the forward is undone, so a training step's loss
     is the model's own, here the fused linear cross-entropy the kernels swapped in (on a GPU: no host syncs
-    in the loss), equal to the model's loss called directly; the trainer's NaN filter (a sync) is off."""
+    in the loss), equal to the model's loss called directly; the token accuracy it logs comes from the fused
+    loss's top-1 count and equals the logits'; the trainer's NaN filter (a sync) is off."""
     from harness.collator import ChatCollator
     from harness.data import build_datasets
     from harness.kernels import cross_entropy
@@ -162,12 +163,18 @@ def test_the_trainer_leaves_the_loss_to_the_model(cpu_interp, compose, fast, mon
         batch = collator(samples[:2])
         n_items = (batch["labels"][:, 1:] != -100).sum()
         loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_items)
+        accuracy = trainer.accuracy.read()  # from the fused loss's top-1 count
         direct = model(**batch, num_items_in_batch=n_items).loss
         assert len(calls) == 2 and loss.requires_grad
         torch.testing.assert_close(loss, direct)
         assert 0 < float(loss) < 20
     finally:
         revert_model(model)
+    with torch.no_grad():  # the same share from transformers' logits
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    lab = batch["labels"][:, 1:]
+    mask = lab != -100
+    assert accuracy == round(float(((logits[:, :-1].argmax(-1) == lab) & mask).sum()) / int(mask.sum()), 4)
 
 
 def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, compose, fast, monkeypatch, tmp_path):
@@ -209,7 +216,7 @@ def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, 
     calls = []
     apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
     monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
-                        lambda *a: calls.append(a[-1] is not None) or apply(*a))
+                        lambda *a: calls.append(a[8] is not None) or apply(*a))
     monkeypatch.setattr(layer_graphs, "_CudaGraph", Replay)
     monkeypatch.setattr(train_mod, "enable_checkpointing", functools.partial(enable_checkpointing, force=True))
     try:
@@ -255,7 +262,7 @@ def test_loss_rows_from_the_collator_feed_the_fused_loss(cpu_interp, compose, fa
     seen = []
     apply = cross_entropy.FusedLinearCrossEntropyFunction.apply
     monkeypatch.setattr(cross_entropy.FusedLinearCrossEntropyFunction, "apply",
-                        lambda *a: seen.append(a[-1]) or apply(*a))
+                        lambda *a: seen.append(a[8]) or apply(*a))
     try:
         loss, grads = _loss_and_grads(model, dict(batch, loss_rows=rows))
         with torch.no_grad():
