@@ -177,7 +177,9 @@ def test_the_trainer_leaves_the_loss_to_the_model(cpu_interp, compose, fast, mon
     assert accuracy == round(float(((logits[:, :-1].argmax(-1) == lab) & mask).sum()) / int(mask.sum()), 4)
 
 
-def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, compose, fast, monkeypatch, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["train.full_finetuning=true"], ["quant=4bit"]], ids=["lora", "full_finetuning", "qlora"])
+def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, compose, fast, monkeypatch, tmp_path,
+                                                                      extra):
     """The GPU configuration of a `harness` run, on CPU: the fused loss (Triton, interpreted),
     host_prep in the collator, offloaded checkpointing with per-layer graphs (replayed by the CPU stand-in),
     all under harness.train's trainer. Its losses follow those of the same run with none of it, every step
@@ -195,7 +197,8 @@ def test_a_training_run_with_every_fast_path_matches_plain_training(cpu_interp, 
 
     from ..test_layer_graphs import Replay
 
-    overrides = [*fast, "logger=none", "model.modules_to_save=[]", "train.max_steps=4", "train.logging_steps=1"]
+    overrides = [*fast, "logger=none", "model.modules_to_save=[]", "train.max_steps=4", "train.logging_steps=1",
+                 *extra]
 
     def run(fast_paths: bool):
         _, run = compose(overrides + [f"train.gradient_checkpointing={'unsloth' if fast_paths else 'false'}"])
