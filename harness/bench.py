@@ -121,18 +121,27 @@ class step_inputs:
 
     def __init__(self, a, model):
         from harness import host_prep
+        from harness.kernels.patch import fused_loss_module
 
         self.prepare = host_prep.prepare
         self.data = make_batch(a, a.device)
         self.spec = host_prep.installed_spec(model)
+        # other models with the fused loss: its labelled rows from the host (harness/loss_rows.py), as the
+        # training collator gives them
+        self.rows = self.spec is None and fused_loss_module(model) is not None
         keys = ("input_ids", "attention_mask", "image_grid_thw", "labels")
-        self.cpu = {k: v for k, v in make_batch(a, "cpu").items() if k in keys} if self.spec else None
+        self.cpu = ({k: v for k, v in make_batch(a, "cpu").items() if k in keys}
+                    if self.spec or self.rows else None)
         self.next = None
         self.prefetch()
 
     def prefetch(self) -> None:
         if self.spec is not None:
             self.next = {**self.data, "host_prep": self.prepare(self.cpu, self.spec)}
+        elif self.rows:
+            from harness.loss_rows import LossRows
+
+            self.next = {**self.data, "loss_rows": LossRows.of(self.cpu["labels"])}
 
     def __call__(self) -> dict:
         return self.next if self.next is not None else self.data

@@ -265,6 +265,16 @@ def _mlp_forward(self, x):
 TOP1_STATS = "_harness_top1"  # set by _ce_forward on the LM module: (top-1 hits, labelled tokens) of its last call
 
 
+def fused_loss_module(model: nn.Module) -> nn.Module | None:
+    """The LM module whose loss is the fused cross-entropy (swapped in by :func:`accelerate_model`), or None."""
+    _, lm = _find_lm_model(model)
+    if lm is None or _SAVED not in lm.__dict__:
+        return None
+    attr = lm.__dict__[_SAVED][0]
+    fn = getattr(lm.__dict__.get(attr), "__func__", None)
+    return lm if fn is _ce_forward else None
+
+
 def _plain_head(head) -> nn.Linear | None:
     """The ``nn.Linear`` a forward would run as the LM head: the head itself, or, for a head trained as a PEFT
     ``modules_to_save`` module, the active adapter's trainable copy (the original when adapters are off).

@@ -315,3 +315,27 @@ def test_a_head_trained_as_modules_to_save_gets_the_fused_loss(cpu_interp, compo
     torch.testing.assert_close(loss, loss_ref, rtol=1e-4, atol=1e-5)
     for n in grads_ref:
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_the_bench_loop_gives_the_fused_loss_its_rows_too(cpu_interp, compose, fast):
+    """harness.bench's own loop feeds a model with the fused loss (and no host_prep) its labelled rows, like
+    the training collator; fused_loss_module finds the swapped module, and nothing once reverted."""
+    import argparse
+
+    from harness import bench
+    from harness.kernels.patch import fused_loss_module
+    from harness.pipeline import build
+
+    _, run = compose([*fast, "logger=none", "model=tiny_llama", "model.modules_to_save=[]"])
+    model = build(run)[-1]
+    a = argparse.Namespace(model="tiny_llama", device="cpu", batch=2, tokens=24, grid=4)
+    assert fused_loss_module(model) is None and "loss_rows" not in bench.step_inputs(a, model)()
+    accelerate_model(model, {"enabled": True, "lora": False, "rms_norm": False, "rope": False, "swiglu": False},
+                     force=True)
+    try:
+        assert fused_loss_module(model) is not None
+        batch = bench.step_inputs(a, model)()
+        assert batch["loss_rows"].n == int((batch["labels"][:, 1:] != -100).sum())
+    finally:
+        revert_model(model)
+    assert fused_loss_module(model) is None
