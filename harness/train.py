@@ -60,12 +60,13 @@ def trainer_class():
     TRL (>= 1.x) patches the model's forward with its own chunked LM head and computes the loss, entropy and
     token accuracy from it in ``compute_loss``. On a GPU that costs about five host syncs per step (the labelled
     rows picked with a boolean mask, ``.item()`` on entropy, accuracy, the label count and the token count), which
-    stall the host-runs-ahead pipeline that the CUDA graphs and ``harness.host_prep`` build (3 syncs cost 7% of
-    a step on the anchor workload), and it bypasses ``harness.kernels``' fused linear cross-entropy. Here the
+    stall the host-runs-ahead pipeline that the CUDA graphs and ``harness.host_prep`` build (removing the
+    forward's device reads gained 7% on the anchor workload), and it bypasses ``harness.kernels``' fused linear
+    cross-entropy. Here the
     model's own forward computes the loss (transformers' loss, or the fused kernel when ``kernels`` swapped it
     in), reduced over ``num_items_in_batch`` like ``transformers.Trainer.compute_loss``; TRL's patch of the
-    forward is undone after TRL has set up. The logs keep loss, grad norm and learning rate; TRL's entropy,
-    mean token accuracy and token count are not computed."""
+    forward is undone after TRL has set up. The logs keep loss, grad norm, learning rate and the mean token
+    accuracy (:class:`TokenAccuracy`, read only when logging); TRL's entropy and token count are not computed."""
     from transformers import Trainer
     from trl import SFTTrainer
 
