@@ -370,8 +370,9 @@ def table(rows):
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
         load = "-" if r.get("after_load_gib") is None else f"{r['after_load_gib']:.2f}"
+        step = f"{r['median_step_s']:.3f} s" + (" (mean)" if str(r.get("step_time", "")).startswith("mean") else "")
         out.append(f"| {_label(r)} | {r['gc']} | {r['batch']} x {r['tokens']} | {r['tokens_per_s']:,} | "
-                   f"{r['median_step_s']:.3f} s | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
+                   f"{step} | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
     out += ratios(rows)
     if longest_rows:
         out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap | GPU memory |",

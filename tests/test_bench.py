@@ -112,6 +112,6 @@ def test_bench_through_the_trainer_on_cpu():
     assert row["loss_first"] == loop["loss_first"] and math.isfinite(row["loss_last"])
     assert row["loss_last"] != row["loss_first"]  # it trained (lr 2e-4, 4 steps)
     md = bench.table([loop, row])
-    assert "| harness16 via Trainer [tiny_qwen2_vl] | standard | 2 x 48 |" in md
+    assert "| harness16 via Trainer [tiny_qwen2_vl] | standard | 2 x 48 |" in md and " s (mean) |" in md
     with pytest.raises(ValueError, match="--trainer with stack hf16"):
         bench.run_trainer(argparse.Namespace(**{**vars(a), "stack": "hf16"}))
