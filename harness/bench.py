@@ -316,8 +316,50 @@ def profile(a):
 
     busy = sum(e.self_device_time_total for e in p.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
     print(f"wall {wall:.3f}s for 2 steps (profiled); GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
+    kernels = [(e.key, e.count, e.self_device_time_total / 1e3) for e in p.key_averages()
+               if e.device_type == DeviceType.CUDA]
+    print(category_table(kernel_categories(kernels, steps=2), wall_ms=wall * 1e3 / 2))
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
+
+
+# Kernel families, first match wins: where a step's GPU time goes, by what could be done about it.
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("host<->device copies (offload)", r"Memcpy (HtoD|DtoH)|Memcpy.*(Host|Pinned)"),
+    ("device copies (graph buffers, clones)", r"Memcpy DtoD|memcpy|copy_kernel|CatArrayBatchedCopy"),
+    ("memsets", r"[Mm]emset"),
+    ("attention", r"flash|fmha|sdpa|cudnn|attention"),
+    ("matmuls (cuBLAS/CUTLASS)", r"nvjet|gemm|xmma|cutlass|sm90_|sm80_|cublas|splitKreduce"),
+    ("Inductor-generated (fused pointwise, norms)", r"^triton_"),
+    ("harness Triton kernels", r"^_"),
+    ("optimizer", r"multi_tensor|[Aa]dam"),
+    ("ATen elementwise / reductions", r"elementwise|reduce_kernel|vectorized|unrolled|index|scatter|gather"),
+)
+
+
+def kernel_categories(kernels, steps: int = 1) -> list[tuple[str, float, float]]:
+    """(category, kernels per step, ms per step) from (name, count, total ms) rows, largest first."""
+    import re
+
+    acc: dict[str, list[float]] = {}
+    for name, count, ms in kernels:
+        cat = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name)), "other")
+        slot = acc.setdefault(cat, [0.0, 0.0])
+        slot[0] += count / steps
+        slot[1] += ms / steps
+    return sorted(((c, n, t) for c, (n, t) in acc.items()), key=lambda r: -r[2])
+
+
+def category_table(cats, wall_ms: float | None = None) -> str:
+    """Markdown table of kernel_categories(); the share column is of the step's wall time when given."""
+    total = sum(t for _, _, t in cats)
+    lines = ["| kernel family | kernels / step | ms / step | share |", "|---|---:|---:|---:|"]
+    for c, n, t in cats:
+        share = t / (wall_ms or total) if (wall_ms or total) else 0.0
+        lines.append(f"| {c} | {n:,.0f} | {t:.2f} | {share:.0%} |")
+    lines.append(f"| **all kernels** | {sum(n for _, n, _ in cats):,.0f} | {total:.2f} | "
+                 f"{total / (wall_ms or total) if (wall_ms or total) else 0:.0%} |")
+    return "\n".join(lines)
 
 
 def print_host_syncs(step) -> int:

@@ -115,3 +115,32 @@ def test_bench_through_the_trainer_on_cpu():
     assert "| harness16 via Trainer [tiny_qwen2_vl] | standard | 2 x 48 |" in md and " s (mean) |" in md
     with pytest.raises(ValueError, match="--trainer with stack hf16"):
         bench.run_trainer(argparse.Namespace(**{**vars(a), "stack": "hf16"}))
+
+
+def test_kernel_categories_sort_profiler_rows_into_families():
+    from harness.bench import category_table, kernel_categories
+
+    rows = [
+        ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", 400, 150.0),
+        ("Memcpy DtoD (Device -> Device)", 1000, 20.0),
+        ("Memcpy DtoH (Device -> Pageable)", 60, 50.0),
+        ("triton_poi_fused__to_copy_add_0", 3000, 30.0),
+        ("_ce_fwd_bwd_kernel", 2, 8.0),
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 120, 28.0),
+        ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", 4, 2.0),
+        ("some_unknown_kernel", 2, 1.0),
+    ]
+    cats = dict((c, (n, t)) for c, n, t in kernel_categories(rows, steps=2))
+    assert cats["matmuls (cuBLAS/CUTLASS)"] == (200, 75.0)
+    assert cats["device copies (graph buffers, clones)"] == (500, 10.0)
+    assert cats["host<->device copies (offload)"] == (30, 25.0)
+    assert cats["Inductor-generated (fused pointwise, norms)"] == (1500, 15.0)
+    assert cats["harness Triton kernels"] == (1, 4.0)
+    assert cats["attention"] == (60, 14.0)
+    assert cats["optimizer"] == (2, 1.0)
+    assert cats["other"] == (1, 0.5)
+    order = [c for c, _, _ in kernel_categories(rows, steps=2)]
+    assert order[0] == "matmuls (cuBLAS/CUTLASS)"  # largest first
+    md = category_table(kernel_categories(rows, steps=2), wall_ms=200.0)
+    assert "| matmuls (cuBLAS/CUTLASS) | 200 | 75.00 | 38% |" in md
+    assert md.splitlines()[-1].startswith("| **all kernels** | 2,294 | 144.50 | 72% |")
