@@ -5,7 +5,9 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh trainer    # ~2 min: loop vs Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh peers      # ~8 min: the six stacks
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh unsloth    # ~5 min: Unsloth vs loop + Trainer
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh profile    # ~1.5 min: harness16's step, by kernel family
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
 # Everything it prints is also written under $OUT (or ./gpu_out), one file per part.
 set -uo pipefail
@@ -24,15 +26,25 @@ case "$part" in
   peers)  # the anchor table, six stacks, each in its own process (Unsloth compiles on a cold cache: ~450 s in all)
     python3 -m harness mode=bench logger=none bench.timeout_s=300 hydra.run.dir="$out/bench" 2>&1 \
       | tee "$out/peers.txt" ;;
-  unsloth)  # Unsloth (cache warm after `peers`) beside the harness, its loop and its Trainer, in one table
-    python3 -m harness mode=bench logger=none "bench.stacks=[unsloth16,unsloth4,harness16,harness4]" \
-      bench.trainer=true bench.timeout_s=200 hydra.run.dir="$out/unsloth" 2>&1 | tee "$out/unsloth.txt" ;;
-  longest)  # an 80 GB card's memory on any card, so H100 and H200 calls compare
-    python3 -m harness mode=bench logger=none "bench.stacks=[hf16,unsloth16,harness16]" bench.longest=true \
-      bench.memory_gib=80 bench.max_tokens=131072 bench.timeout_s=240 hydra.run.dir="$out/longest" 2>&1 \
-      | tee "$out/longest.txt" ;;
+  unsloth)  # Unsloth beside the harness, its loop and its Trainer, in one table (STACKS to choose; a cold
+    # Unsloth compile cache takes ~150 s). The run dir stays in /tmp; its table and rows are copied to $out.
+    python3 -m harness mode=bench logger=none "bench.stacks=${STACKS:-[unsloth16,unsloth4,harness16,harness4]}" \
+      bench.trainer=true bench.timeout_s="${STACK_TIMEOUT:-220}" hydra.run.dir=/tmp/bench_unsloth 2>&1 \
+      | tee "$out/unsloth.txt"
+    cp /tmp/bench_unsloth/bench.md /tmp/bench_unsloth/bench.jsonl "$out/" 2>/dev/null ;;
+  profile)  # where harness16's step goes: phases, host syncs, GPU time per kernel family, top kernels
+    python3 -m harness.bench --stack harness16 --profile 2>&1 | tee "$out/profile.txt" ;;
+  longest)  # longest sequence at batch 1, an 80 GB card's memory on any card so H100 and H200 calls compare;
+    # one process per stack, searched from 16,384 tokens (STACK_TIMEOUT s each)
+    for s in ${LONGEST_STACKS:-hf16 unsloth16 harness16}; do
+      timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack "$s" --longest --memory-gib 80 \
+        --tokens 16384 --max-tokens 131072 > "/tmp/longest_$s.txt" 2>&1
+      echo "$s exit $?"; grep -E " tokens: (fits|out of memory)|^\{" "/tmp/longest_$s.txt"  # probes so far, then the row
+    done | tee "$out/longest.txt" ;;
+  tune)  # RMSNorm backward / RoPE launch-shape sweeps only
+    python3 benchmarks/kernels_bench.py --tune-only 2>&1 | tee "$out/tune.txt" ;;
   kernels)
     python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|longest|kernels" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|longest|tune|kernels" >&2; exit 2 ;;
 esac
