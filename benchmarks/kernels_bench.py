@@ -1,6 +1,9 @@
 """Benchmark + bf16 spot checks of harness.kernels on CUDA.
 
-    python benchmarks/kernels_bench.py [--out DIR] [--quick]
+    python benchmarks/kernels_bench.py [--out DIR] [--quick] [--only rms,rope,...] [--tune | --tune-only]
+
+--tune sweeps the RMSNorm backward's and RoPE's launch shapes first; --tune-only sweeps and exits
+(``--tune-only --only rms``: the RMSNorm backward sweep alone, lines prefixed "tune rms bwd").
 
 Times with triton.testing.do_bench (median). For memory-bound kernels it reports achieved GB/s
 (minimal bytes: each input read once, each output written once) and the % of a device-to-device
@@ -142,37 +145,89 @@ def bench_rms(copy_bw, N, H):
     check(f"rms_norm y/dx/dw H={H}", max(rel(y, yr), rel(dx, dxr), rel(dw, dwr)), 1e-2)
 
 
-def tune_rms(copy_bw, N, H):
-    """Sweep the backward's launch shape (rows per tile, programs per SM, warps); print each, keep the best."""
-    from harness.kernels import rms_norm as rms_mod
+def rms_bwd_configs(block):
+    """The backward launch configs tune_rms sweeps: (rows per tile, programs per SM, warps, stages, dW
+    accumulator per row), at most 72, so that both hidden sizes fit one GPU call. Configs whose tile
+    gives a thread less than one element are left out (their warps would idle)."""
+    out = []
+    for bm in (2, 4, 8):
+        for per_sm in (2, 4):
+            for warps in (4, 8, 16):
+                if bm * block // (32 * warps) < 1:
+                    continue
+                for stages in (1, 3):
+                    for dw_rows in (True, False):
+                        out.append((bm, per_sm, warps, stages, dw_rows))
+    return out
 
-    mod = __import__("harness.kernels.rms_norm", fromlist=["BWD_CONFIG"])
+
+def time_rms_bwd(mod, block, config, x, w, dy, iters=20):
+    """GPU ms of the backward alone (both kernels) with BWD_CONFIG[block] = config, or the error
+    (a pipelined config's shared memory may not fit: Triton refuses it at launch)."""
+    mod.BWD_CONFIG[block] = config
+    try:
+        y = rms_norm(x, w, 1e-6)
+        fn = lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True)  # noqa: E731
+        fn()  # compiles; a config that cannot launch raises here
+        return sum(kernel_breakdown(fn, iters).values()), None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e)[:80]}"
+    finally:
+        mod.BWD_CONFIG.pop(block, None)
+
+
+def print_rms_bwd_kernels(mod, block, config, label, H, x, w, dy):
+    """Per-kernel GPU ms of the backward under config: how much the dW row sum costs beside the main kernel."""
+    mod.BWD_CONFIG[block] = config
+    try:
+        y = rms_norm(x, w, 1e-6)
+        kernels = kernel_breakdown(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), 20)
+    finally:
+        mod.BWD_CONFIG.pop(block, None)
+    for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
+        print(f"tune rms bwd H={H} {label} {config} kernel {name[:60]}: {ms:.4f} ms", flush=True)
+
+
+def tune_rms(copy_bw, N, H):
+    """Sweep the backward's launch config (rows per tile, programs per SM, warps, pipeline stages, dW
+    accumulator per row); print the 8 fastest, the default, and both one's kernels. Every line starts
+    with "tune rms bwd" (grep it out of a GPU call's log)."""
+    import importlib
+
+    mod = importlib.import_module("harness.kernels.rms_norm")  # the attribute of that name is the function
     x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
     w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(True)
     dy = torch.randn(N, H, device=DEV, dtype=DT)
     block = 1 << (H - 1).bit_length()
-    res = []
-    for bm in (1, 2, 4, 8):
-        for per_sm in (2, 4, 8):
-            for warps in (4, 8, 16):
-                if bm * block // (32 * warps) < 1:
-                    continue
-                mod.BWD_CONFIG[block] = (bm, per_sm, warps)
-                y = rms_mod(x, w, 1e-6)
-                t = gbench(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), iters=20)
-                if t:
-                    res.append((t, bm, per_sm, warps))
-    mod.BWD_CONFIG.pop(block, None)
-    res.sort()
+    default = mod._bwd_config(block)
     nbytes = 3 * N * H * 2 + 4 * N
-    for t, bm, per_sm, warps in res[:5]:
-        print(f"  tune rms bwd H={H}: rows/tile {bm} programs/SM {per_sm} warps {warps}: {t:.4f} ms "
-              f"{nbytes / t / 1e6:.0f} GB/s {100 * nbytes / t / 1e6 / copy_bw:.0f}%", flush=True)
-    print(f"  tune rms bwd H={H}: default {mod._bwd_config(block)}", flush=True)
-    y = rms_mod(x, w, 1e-6)
-    for name, ms in sorted(kernel_breakdown(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), 20).items(),
-                           key=lambda kv: -kv[1]):
-        print(f"    default config, kernel {name[:60]}: {ms:.4f} ms", flush=True)
+
+    def line(label, config, t):
+        gbs = nbytes / t / 1e6
+        return (f"tune rms bwd H={H} {label} {config}: {t:.4f} ms {gbs:.0f} GB/s "
+                f"{100 * gbs / copy_bw:.1f}% of copy")
+
+    configs = rms_bwd_configs(block)
+    if default not in configs:
+        configs.append(default)
+    res, failed = [], []
+    for config in configs:
+        t, err = time_rms_bwd(mod, block, config, x, w, dy)
+        if t:
+            res.append((t, config))
+        else:
+            failed.append(config)
+            print(f"tune rms bwd H={H} failed {config}: {err}", flush=True)
+    res.sort(key=lambda r: r[0])
+    print(f"tune rms bwd H={H}: {len(res)} configs timed, {len(failed)} failed; "
+          f"(rows/tile, programs/SM, warps, stages, dw_rows)", flush=True)
+    for i, (t, config) in enumerate(res[:8]):
+        print(line(f"top{i + 1}", config, t), flush=True)
+    t_default = next((t for t, c in res if c == default), None)
+    print(line("default", default, t_default) if t_default else f"tune rms bwd H={H} default {default}: failed", flush=True)
+    if res:
+        print_rms_bwd_kernels(mod, block, res[0][1], "best", H, x, w, dy)
+    print_rms_bwd_kernels(mod, block, default, "default", H, x, w, dy)
 
 
 def tune_rope(copy_bw, N, H):
@@ -362,7 +417,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="rms,rope,gated,nf4,lora,ce",
                     help="comma-separated groups: rms, rope, gated, nf4, lora, ce")
-    ap.add_argument("--tune", action="store_true", help="sweep the RMSNorm backward and RoPE launch shapes first")
+    ap.add_argument("--tune", action="store_true",
+                    help="sweep the RMSNorm backward and RoPE launch shapes first (those of --only's rms, rope)")
+    ap.add_argument("--tune-only", action="store_true", help="the --tune sweeps alone, then exit")
     args = ap.parse_args()
     only = set(args.only.split(","))
     assert torch.cuda.is_available(), "needs CUDA"
@@ -375,10 +432,15 @@ def main():
     N = 8192
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
-    if args.tune:
+    if args.tune or args.tune_only:
         for H in hiddens:
-            tune_rms(copy_bw, N, H)
-            tune_rope(copy_bw, N, H)
+            if "rms" in only:
+                tune_rms(copy_bw, N, H)
+            if "rope" in only:
+                tune_rope(copy_bw, N, H)
+        if args.tune_only:
+            print(f"\n# tune done in {time.time() - t0:.0f} s", flush=True)
+            return
     if "rms" in only:
         for H in hiddens:
             bench_rms(copy_bw, N, H)

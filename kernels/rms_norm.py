@@ -8,7 +8,8 @@ Gemma (``offset=True``), matching ``Gemma3RMSNorm``::
 
     y = ((x.float() * rsqrt(mean(x.float()**2) + eps)) * (1 + weight.float())).to(x.dtype)
 
-The backward returns dX and dW; dW is reduced per program in fp32 and summed once at the end.
+The backward returns dX and dW; dW is reduced per program in fp32 and the per-program partial rows
+are summed by a second small kernel that stores straight into the weight's dtype.
 """
 
 from __future__ import annotations
@@ -61,19 +62,29 @@ def _rms_bwd_kernel(
     OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
+    DW_ROWS: tl.constexpr,
 ):
     # Each program owns ``blocks_per_program`` consecutive tiles of BLOCK_M rows: a [BLOCK_M, BLOCK]
     # tile per step keeps BLOCK_M rows of loads in flight (one row at a time was latency-bound:
     # 56-63% of copy bandwidth on an H100); dW is accumulated per program in fp32.
+    # STAGES > 1 lets Triton's software pipeliner issue the next tiles' loads while this tile
+    # computes (the plain loop waits for each tile's loads); STAGES == 1 is the plain loop (the same
+    # PTX as ``range``, compared offline with triton 3.9 for sm_90a).
+    # DW_ROWS keeps a [BLOCK_M, BLOCK] dW accumulator summed over rows once at the end; without
+    # it the rows are summed every tile into a [BLOCK] accumulator, BLOCK_M times fewer registers.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
     if OFFSET:
         w = w + 1.0
-    dw_acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    if DW_ROWS:
+        dw_acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
+    else:
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid * blocks_per_program * BLOCK_M
-    for i in range(0, blocks_per_program):
+    for i in tl.range(0, blocks_per_program, num_stages=STAGES):
         rows = first + i * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < n_rows
         rows64 = rows.to(tl.int64)
@@ -83,28 +94,74 @@ def _rms_bwd_kernel(
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         h = x * rstd[:, None]
         if OFFSET:
-            dw_acc += dy * h
+            contrib = dy * h
         else:
-            dw_acc += dy * h.to(X.dtype.element_ty).to(tl.float32)
+            contrib = dy * h.to(X.dtype.element_ty).to(tl.float32)
+        if DW_ROWS:
+            dw_acc += contrib
+        else:
+            dw_acc += tl.sum(contrib, axis=0)
         dh = dy * w[None, :]
         c = tl.sum(dh * h, axis=1) / n_cols
         dx = rstd[:, None] * (dh - h * c[:, None])
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+    if DW_ROWS:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+    else:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=cmask)
 
 
-# Backward launch shape per padded row width: (rows per tile, programs per SM, warps). Tiles of
-# ~4K elements keep x, dy, h and dx in registers; several programs per SM hide load latency; the
-# fp32 dW partials (one row per program) stay a few MB. benchmarks/kernels_bench.py --tune-rms
+@jit
+def _dw_sum_kernel(
+    DW_PARTIAL, DW,
+    n_prog, n_cols,
+    BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # dW = the fp32 partial rows summed over rows, stored in the weight's dtype: one launch where
+    # torch needed two (a sum, then a cast). Each program owns BLOCK_N columns and walks all rows in
+    # chunks of BLOCK_P; a fixed order and no atomics keep dW bit-for-bit deterministic.
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, n_prog, BLOCK_P):
+        rows = r0 + tl.arange(0, BLOCK_P)
+        mask = (rows < n_prog)[:, None] & cmask[None, :]
+        acc += tl.load(DW_PARTIAL + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=cmask)
+
+
+def _sum_dw_partials(dw_partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Sum the backward's [n_prog, n_cols] fp32 dW partials over rows into a [n_cols] ``dtype`` tensor."""
+    n_prog, n_cols = dw_partial.shape
+    dw = torch.empty(n_cols, dtype=dtype, device=dw_partial.device)
+    block_n = 32  # 32 fp32 columns: one 128-byte line per partial row
+    _dw_sum_kernel[(triton.cdiv(n_cols, block_n),)](
+        dw_partial, dw, n_prog, n_cols, BLOCK_P=64, BLOCK_N=block_n, num_warps=4,
+    )
+    return dw
+
+
+# Backward launch config per padded row width: (rows per tile BLOCK_M, programs per SM, warps,
+# pipeline stages, dW accumulator per row). Tiles of ~4K elements keep x, dy, h and dx in registers;
+# several programs per SM hide load latency; the fp32 dW partials (one row per program) stay a few
+# MB. STAGES > 1 prefetches the next tiles through shared memory (more of it per program: large
+# tiles times many stages may not fit, and such a config fails to launch, e.g. [8, 4096] bf16 tiles
+# at 3 stages want 262 KB); DW_ROWS=False trades a row sum per tile for BLOCK_M times fewer dW
+# accumulator registers (the [4, 2048] accumulator at 4 warps is 64 fp32 registers per thread:
+# ptxas gives that default 255 registers and 120 bytes of spills, 253 and none without it; triton
+# 3.9 for sm_90a, compiled offline, not timed). benchmarks/kernels_bench.py --tune (or --tune-only)
 # sweeps these on a GPU and prints the best; set BWD_CONFIG[block] to try others.
-BWD_CONFIG: dict[int, tuple[int, int, int]] = {}
+BWD_CONFIG: dict[int, tuple[int, int, int, int, bool]] = {}
 
 
-def _bwd_config(block: int) -> tuple[int, int, int]:
+def _bwd_config(block: int) -> tuple[int, int, int, int, bool]:
     if block in BWD_CONFIG:
         return BWD_CONFIG[block]
-    # measured on an H100 (benchmarks/kernels_bench.py --tune): 4-row tiles, 2 programs per SM
-    return 4, 2, 4 if block <= 2048 else 16
+    # measured on an H100 (benchmarks/kernels_bench.py --tune): 4-row tiles, 2 programs per SM; the
+    # plain loop (1 stage) and the per-row dW accumulator until a sweep of those picks otherwise
+    return 4, 2, 4 if block <= 2048 else 16, 1, True
 
 
 def _warps(block: int) -> int:
@@ -145,7 +202,7 @@ class RMSNormFunction(torch.autograd.Function):
             dy2 = dy2.contiguous()
         dx = torch.empty((n_rows, n_cols), dtype=ctx.x_dtype, device=x2.device)
         block = next_pow2(n_cols)
-        block_m, per_sm, warps = _bwd_config(block)
+        block_m, per_sm, warps, stages, dw_rows = _bwd_config(block)
         n_blocks = triton.cdiv(max(n_rows, 1), block_m)
         n_prog = max(1, min(n_blocks, num_sms(x2.device) * per_sm))
         blocks_per_program = triton.cdiv(n_blocks, n_prog)
@@ -156,9 +213,10 @@ class RMSNormFunction(torch.autograd.Function):
                 dy2, x2, w, rstd, dx, dw_partial,
                 dy2.stride(0), x2.stride(0), dx.stride(0),
                 n_rows, n_cols, blocks_per_program,
-                OFFSET=ctx.offset, BLOCK_M=block_m, BLOCK=block, num_warps=warps,
+                OFFSET=ctx.offset, BLOCK_M=block_m, BLOCK=block, STAGES=stages, DW_ROWS=bool(dw_rows),
+                num_warps=warps,
             )
-            dw = dw_partial.sum(0).to(w.dtype)
+            dw = _sum_dw_partials(dw_partial, w.dtype)
         else:
             dw = torch.zeros_like(w)
         return dx.view(ctx.shape), dw, None, None

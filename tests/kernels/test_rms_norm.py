@@ -1,7 +1,12 @@
+import importlib
+
 import pytest
 import torch
 
 from harness.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_reference
+
+# the module itself: `harness.kernels.rms_norm` as an attribute is the function of that name
+rms_mod = importlib.import_module("harness.kernels.rms_norm")
 
 
 def _inputs(shape, dtype, noncontig):
@@ -45,16 +50,74 @@ def test_rms_norm_fp16(seed, cpu_interp, close, offset):
     close(dw, dwr, 1e-2, 5e-2, "dw")
 
 
+# (rows per tile, programs per SM, warps, stages, dW accumulator per row): the default shape, one-row
+# tiles, the pipelined loop and the [BLOCK] dW accumulator, alone and together
+BWD_CONFIGS = [
+    (4, 2, 4, 1, True),
+    (1, 2, 4, 1, True),
+    (4, 2, 4, 2, True),
+    (4, 2, 4, 1, False),
+    (1, 4, 4, 2, False),
+    (4, 4, 8, 2, False),
+]
+
+
+@pytest.mark.parametrize("config", BWD_CONFIGS, ids=lambda c: "bm{}-sm{}-w{}-st{}-rows{}".format(*c))
+@pytest.mark.parametrize("offset", [False, True])
 @pytest.mark.parametrize("n_rows", [701, 64])
-def test_rms_norm_backward_many_programs_ragged_tail(seed, cpu_interp, close, n_rows):
-    # several programs, several row tiles each, a last tile cut short: dX rows and the dW partial sums
+def test_rms_norm_backward_many_programs_ragged_tail(seed, cpu_interp, close, monkeypatch, n_rows, offset, config):
+    # several programs, several row tiles each, a last tile cut short: dX rows and the dW partial sums,
+    # for each backward launch config (67 columns pad to a 128-wide row)
+    monkeypatch.setitem(rms_mod.BWD_CONFIG, 128, config)
+    assert rms_mod._bwd_config(128) == config
     x = torch.randn(n_rows, 67, requires_grad=True)
-    w = (torch.randn(67) * 0.5 + 1.0).requires_grad_(True)
+    w = (torch.randn(67) * 0.5 + (0.0 if offset else 1.0)).requires_grad_(True)
     dy = torch.randn(n_rows, 67)
-    dx, dw = torch.autograd.grad(RMSNormFunction.apply(x, w, 1e-6, False), (x, w), dy)
-    dxr, dwr = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, False), (x, w), dy)
+    dx, dw = torch.autograd.grad(RMSNormFunction.apply(x, w, 1e-6, offset), (x, w), dy)
+    dxr, dwr = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, offset), (x, w), dy)
     close(dx, dxr, 1e-5, 1e-5, "dx")
     close(dw, dwr, 1e-4, 1e-5, "dw")
+
+
+def test_rms_norm_default_bwd_config():
+    # the shape measured on an H100 until a sweep of stages / dW accumulator picks new defaults
+    assert rms_mod._bwd_config(2048) == (4, 2, 4, 1, True)
+    assert rms_mod._bwd_config(4096) == (4, 2, 16, 1, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n_prog,n_cols", [(150, 67), (64, 32), (3, 1536)])
+def test_dw_sum_kernel(seed, cpu_interp, close, dtype, n_prog, n_cols):
+    # rows in several chunks of 64 with a short last one, columns in blocks of 32 with a short last one
+    partial = torch.randn(n_prog, n_cols)
+    dw = rms_mod._sum_dw_partials(partial, dtype)
+    assert dw.dtype == dtype and dw.shape == (n_cols,)
+    ref = partial.double().sum(0).float()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp16 / bf16: one rounding of the fp32 sum
+    close(dw, ref, tol, tol, "dw sum")
+
+
+def test_rms_norm_backward_dw_in_weight_dtype(seed, cpu_interp, close, monkeypatch):
+    # fp16 weight: the dW kernel stores fp16 itself (autograd would cast an fp32 dW silently, so the
+    # dtype is checked where the backward makes it), equal to the fp32 reference within fp16 rounding
+    made = []
+
+    def spy(partial, dtype):
+        out = sum_dw(partial, dtype)
+        made.append(out.dtype)
+        return out
+
+    sum_dw = rms_mod._sum_dw_partials
+    monkeypatch.setattr(rms_mod, "_sum_dw_partials", spy)
+    x = torch.randn(301, 67).half().requires_grad_(True)
+    w = (torch.randn(67) * 0.5 + 1.0).half().requires_grad_(True)
+    dy = torch.randn(301, 67).half()
+    dx, dw = torch.autograd.grad(RMSNormFunction.apply(x, w, 1e-6, False), (x, w), dy)
+    assert made == [torch.float16] and dw.dtype == torch.float16
+    x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    dxr, dwr = torch.autograd.grad(rms_norm_reference(x32, w32, 1e-6, False), (x32, w32), dy.float())
+    close(dx, dxr, 1e-2, 1e-2, "dx")
+    close(dw, dwr, 1e-2, 1e-2, "dw")
 
 
 def test_rms_norm_matches_hf_modules(cpu_interp, close):
