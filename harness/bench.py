@@ -390,6 +390,8 @@ def print_host_syncs(step) -> int:
 def _label(r):
     m = r.get("model", "anchor")
     name = r["stack"] + (" via Trainer" if r.get("loop") == "trainer" else "")
+    if r.get("inductor"):
+        name += " (inductor " + ", ".join(f"{k}={v}" for k, v in r["inductor"].items()) + ")"
     return name if m == "anchor" else f"{name} [{m}]"
 
 
@@ -517,11 +519,15 @@ def bench_mode(bench, out_dir) -> list[dict]:
         common.append("--no-graphs")
     if bench.memory_gib:
         common += ["--memory-gib", str(bench.memory_gib)]
-    plan = [(s, common + ["--gc", bench.gc]) for s in bench.stacks]
+    inductor = []  # the harness stacks' compiler settings only: the peers compile their own way
+    for key, value in (getattr(bench, "inductor", None) or {}).items():
+        inductor += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    common_of = {s: common + (inductor if s.startswith("harness") else []) for s in bench.stacks}
+    plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
-        plan += [(s, common + ["--gc", bench.gc, "--trainer"]) for s in bench.stacks if s.startswith("harness")]
+        plan += [(s, common_of[s] + ["--gc", bench.gc, "--trainer"]) for s in bench.stacks if s.startswith("harness")]
     if bench.longest:  # then the longest sequence per stack at batch 1
-        plan += [(s, common + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
+        plan += [(s, common_of[s] + ["--gc", bench.gc, "--longest", "--max-tokens", str(bench.max_tokens)])
                  for s in bench.stacks]
     out_dir = Path(out_dir)
     rows = run_stacks(plan, out_dir / "bench.jsonl", timeout_s=bench.timeout_s)
@@ -530,6 +536,35 @@ def bench_mode(bench, out_dir) -> list[dict]:
     plot(rows, out_dir / "bench.png")
     print(md)
     return rows
+
+
+def set_inductor_options(items: list[str]) -> dict:
+    """Apply ``KEY=VALUE`` settings to ``torch._inductor.config`` (values parsed as bool / int / float / str
+    after the option's current type); an unknown key is an error that names the key."""
+    if not items:
+        return {}
+    from torch._inductor import config as ic
+
+    done = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--inductor wants KEY=VALUE, got {item!r}")
+        try:
+            current = getattr(ic, key)
+        except AttributeError:
+            raise SystemExit(f"--inductor: torch._inductor.config has no option {key!r}") from None
+        if isinstance(current, bool):
+            if raw.lower() not in ("1", "0", "true", "false"):
+                raise SystemExit(f"--inductor {key}: expected true/false, got {raw!r}")
+            value = raw.lower() in ("1", "true")
+        elif isinstance(current, (int, float)) and not isinstance(current, bool):
+            value = type(current)(raw)
+        else:
+            value = raw
+        setattr(ic, key, value)
+        done[key] = value
+    return done
 
 
 def main():
@@ -565,7 +600,11 @@ def main():
     ap.add_argument("--trainer", action="store_true",
                     help="harness stacks: train through harness.train's SFTTrainer, as a `harness` run does "
                          "(harness/bench_trainer.py), not the bench's own loop")
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    help="set torch._inductor.config.KEY for the compiled layers (repeatable), e.g. "
+                         "combo_kernels=true: an experiment switch; the row records what was set")
     a = ap.parse_args()
+    a.inductor = set_inductor_options(a.inductor)
     if a.profile:
         return profile(a)
     if not a.all:
@@ -574,7 +613,10 @@ def main():
         import_bitsandbytes()  # peer stacks import it too: no kernel fetched from the Hub (harness.hub_guard)
         cap_memory(a.memory_gib, a.device)
         try:
-            print(json.dumps(longest(a) if a.longest else run_trainer(a) if a.trainer else run(a)), flush=True)
+            res = longest(a) if a.longest else run_trainer(a) if a.trainer else run(a)
+            if a.inductor:
+                res["inductor"] = a.inductor
+            print(json.dumps(res), flush=True)
         except Exception as e:
             import traceback
 

@@ -214,6 +214,7 @@ class BenchConfig:
     timeout_s: float = 0.0  # stop a stack that runs longer (an error row in the table); 0: no limit
     memory_gib: float = 0.0  # cap each stack's GPU memory (e.g. 80 to compare a 141 GB card with an 80 GB one); 0: all
     trainer: bool = False  # also run the harness stacks through harness.train's SFTTrainer (a `harness` run's loop)
+    inductor: dict = field(default_factory=dict)  # harness stacks: torch._inductor.config overrides, e.g. +bench.inductor.combo_kernels=true
 
 
 @dataclass

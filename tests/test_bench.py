@@ -4,6 +4,7 @@ import argparse
 import math
 
 import pytest
+import torch
 
 from harness import bench
 from harness.bench_workload import ANCHOR, load_workload, longest_fitting
@@ -144,3 +145,40 @@ def test_kernel_categories_sort_profiler_rows_into_families():
     md = category_table(kernel_categories(rows, steps=2), wall_ms=200.0)
     assert "| matmuls (cuBLAS/CUTLASS) | 200 | 75.00 | 38% |" in md
     assert md.splitlines()[-1].startswith("| **all kernels** | 2,294 | 144.50 | 72% |")
+
+
+def test_inductor_options_are_set_typed_and_named_in_the_table(monkeypatch):
+    from torch._inductor import config as ic
+
+    from harness.bench import _label, set_inductor_options
+
+    monkeypatch.setattr(ic, "combo_kernels", False)
+    monkeypatch.setattr(ic, "max_autotune", False)
+    done = set_inductor_options(["combo_kernels=true", "max_autotune=0"])
+    assert done == {"combo_kernels": True, "max_autotune": False}
+    assert ic.combo_kernels is True and ic.max_autotune is False
+    with pytest.raises(SystemExit, match="no option 'not_an_option'"):
+        set_inductor_options(["not_an_option=1"])
+    with pytest.raises(SystemExit, match="expected true/false"):
+        set_inductor_options(["combo_kernels=maybe"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        set_inductor_options(["combo_kernels"])
+    assert _label({"stack": "harness16", "inductor": done}) == \
+        "harness16 (inductor combo_kernels=True, max_autotune=False)"
+    assert set_inductor_options([]) == {}
+
+
+def test_bench_inductor_overrides_reach_the_harness_stacks_only(compose, monkeypatch, tmp_path):
+    _, run = compose(["mode=bench", "bench.stacks=[unsloth16,harness16]", "bench.trainer=true",
+                      "+bench.inductor.combo_kernels=true"])
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_stacks", lambda plan, out, timeout_s=None: seen.setdefault("plan", plan) and [])
+    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    bench.bench_mode(run.bench, tmp_path)
+    plan = {(s, "--trainer" in args): args for s, args in seen["plan"]}
+    assert set(plan) == {("unsloth16", False), ("harness16", False), ("harness16", True)}
+    assert "--inductor" not in plan[("unsloth16", False)]
+    for key in (("harness16", False), ("harness16", True)):
+        args = plan[key]
+        assert args[args.index("--inductor") + 1] == "combo_kernels=true"
