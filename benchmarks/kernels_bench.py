@@ -240,14 +240,23 @@ def tune_rope(copy_bw, N, H):
     q = torch.randn(B, S, hq, D, device=DEV, dtype=DT).transpose(1, 2)
     k = torch.randn(B, S, hk, D, device=DEV, dtype=DT).transpose(1, 2)
     nbytes = 2 * (q.numel() + k.numel()) * 2 + 2 * cos.numel() * 2
-    default = mod.ELEMS_PER_PROGRAM
-    for e in (1024, 2048, 4096, 8192, 16384, 32768):
-        mod.ELEMS_PER_PROGRAM = e
-        t = gbench(lambda: apply_rotary_pos_emb(q, k, cos, sin), iters=20)
-        if t:
-            print(f"  tune rope H={H}: elements/program {e}: {t:.4f} ms {nbytes / t / 1e6:.0f} GB/s "
-                  f"{100 * nbytes / t / 1e6 / copy_bw:.0f}%", flush=True)
-    mod.ELEMS_PER_PROGRAM = default
+    default = mod.ELEMS_PER_PROGRAM, mod.KERNEL
+    qg, kg = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    go = (torch.randn_like(q), torch.randn_like(k))
+    for kernel in ("2d", "3d"):  # (position, head) rows vs [positions, heads, dim] tiles (kernels/rope.py)
+        for e in (1024, 2048, 4096, 8192, 16384, 32768):
+            mod.ELEMS_PER_PROGRAM, mod.KERNEL = e, kernel
+            try:
+                t = gbench(lambda: apply_rotary_pos_emb(q, k, cos, sin), iters=20)
+                tb = gbench(lambda: torch.autograd.grad(apply_rotary_pos_emb(qg, kg, cos, sin), (qg, kg), go), iters=20)
+            except Exception as exc:  # a launch shape that does not compile or fit
+                print(f"  tune rope H={H}: kernel {kernel} elements/program {e}: failed ({type(exc).__name__})")
+                continue
+            if t and tb:
+                print(f"  tune rope H={H}: kernel {kernel} elements/program {e}: fwd {t:.4f} ms "
+                      f"{100 * nbytes / t / 1e6 / copy_bw:.0f}% of copy, fwd+bwd {tb:.4f} ms "
+                      f"{100 * 2 * nbytes / tb / 1e6 / copy_bw:.0f}%", flush=True)
+    mod.ELEMS_PER_PROGRAM, mod.KERNEL = default
 
 
 def bench_rope(copy_bw, N, H):

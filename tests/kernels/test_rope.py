@@ -10,16 +10,26 @@ from harness.kernels.rope import (
 )
 
 
+@pytest.fixture(params=["2d", "3d"])
+def kernel(request, monkeypatch):
+    """Both launch layouts of the q+k kernel: (position, head) rows, and [positions, heads, dim] tiles."""
+    import harness.kernels.rope as rope_mod
+
+    monkeypatch.setattr(rope_mod, "KERNEL", request.param)
+    return request.param
+
+
 def _cos_sin(bsz, seq, dim, dtype, section=(2, 3, 3)):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
     pos = torch.randint(0, 50, (3, bsz, seq))
     return mrope_cos_sin(pos, inv_freq, section, dtype=dtype)
 
 
+@pytest.mark.parametrize("dim", [16, 20])  # 20: a half (10) that is not a power of two, like head_dim 80
 @pytest.mark.parametrize("layout", [1, 2])
-def test_rope_fp32(seed, cpu_interp, close, layout):
-    bsz, hq, hk, seq, dim = 2, 3, 1, 13, 16
-    cos, sin = _cos_sin(bsz, seq, dim, torch.float32)
+def test_rope_fp32(seed, cpu_interp, close, layout, dim, kernel):
+    bsz, hq, hk, seq = 2, 3, 1, 13
+    cos, sin = _cos_sin(bsz, seq, dim, torch.float32, section=(2, 3, 3) if dim == 16 else (2, 4, 4))
     if layout == 1:  # HF attention layout: [b, s, h, d] projections viewed as [b, h, s, d] (non-contiguous)
         q = torch.randn(bsz, seq, hq, dim).transpose(1, 2)
         k = torch.randn(bsz, seq, hk, dim).transpose(1, 2)
@@ -38,7 +48,7 @@ def test_rope_fp32(seed, cpu_interp, close, layout):
         close(a, b, 1e-5, 1e-5, n)
 
 
-def test_rope_gradient_of_q_only(seed, cpu_interp, close):
+def test_rope_gradient_of_q_only(seed, cpu_interp, close, kernel):
     # k unused downstream: its gradient is None, q's is still the transposed rotation
     bsz, hq, hk, seq, dim = 2, 6, 2, 37, 16
     cos, sin = _cos_sin(bsz, seq, dim, torch.float32)
@@ -52,7 +62,7 @@ def test_rope_gradient_of_q_only(seed, cpu_interp, close):
     close(dq, dqr, 1e-5, 1e-5, "dq")
 
 
-def test_rope_fp16(seed, cpu_interp, close):
+def test_rope_fp16(seed, cpu_interp, close, kernel):
     bsz, hq, hk, seq, dim = 1, 5, 1, 13, 32
     cos, sin = _cos_sin(bsz, seq, dim, torch.float16, section=(4, 6, 6))
     q = torch.randn(bsz, seq, hq, dim).half().transpose(1, 2).requires_grad_(True)
@@ -94,7 +104,7 @@ def test_mrope_cos_sin_matches_transformers(seed, close):
 
 
 @pytest.mark.gpu
-def test_rope_bf16_gpu(cuda, rel):
+def test_rope_bf16_gpu(cuda, rel, kernel):
     torch.manual_seed(0)
     bsz, seq, hq, hk, dim = 2, 2048, 28, 4, 128
     cos, sin = _cos_sin(bsz, seq, dim, torch.bfloat16, section=(16, 24, 24))
