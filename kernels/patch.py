@@ -30,6 +30,7 @@ Triton imports; ``force=True`` swaps regardless of device (tests use it on CPU w
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -84,14 +85,28 @@ def _cfg_get(cfg, name, default):
 
 
 # --------------------------------------------------------------------------- swapping helpers
-def _swap_forward(module: nn.Module, fn) -> None:
+def _swap_forward(module: nn.Module, fn, keep_signature: bool = False) -> None:
+    """Run ``fn(module, ...)`` as the module's forward (undone by :func:`revert_model`).
+
+    ``keep_signature``: the replacement shows the original forward's signature to ``inspect`` (generate()
+    validates its inputs against the model's forward signature: a ``(*args, **kwargs)`` forward would make it
+    reject ``pixel_values``). ``forward.__func__`` is ``fn`` either way."""
     # accelerate's hooks (device_map) keep the real forward in `_old_forward`: swap that one
     attr = "_old_forward" if (hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__) else "forward"
     if _SAVED in module.__dict__:
         return
     prev = module.__dict__.get(attr, _MISSING)
     object.__setattr__(module, _SAVED, (attr, prev))
-    object.__setattr__(module, attr, types.MethodType(fn, module))
+    new = method = types.MethodType(fn, module)
+    if keep_signature:
+        original = prev if prev is not _MISSING else types.MethodType(type(module).forward, module)
+
+        @functools.wraps(original)
+        def new(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        new.__func__ = fn
+    object.__setattr__(module, attr, new)
 
 
 def _original_forward(module: nn.Module):
@@ -465,7 +480,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     if want_ce:
         name, lm = _find_lm_model(model)
         if lm is not None and _plain_head(lm.lm_head) is not None:  # also a head trained via modules_to_save
-            _swap_forward(lm, _ce_forward)
+            _swap_forward(lm, _ce_forward, keep_signature=True)
             report["cross_entropy"].append(name)
     if want_compile:
         mode = _cfg_get(cfg, "compile_mode", "default")

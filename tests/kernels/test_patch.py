@@ -339,3 +339,35 @@ def test_the_bench_loop_gives_the_fused_loss_its_rows_too(cpu_interp, compose, f
     finally:
         revert_model(model)
     assert fused_loss_module(model) is None
+
+
+def test_generate_accepts_image_inputs_with_the_fused_loss_swapped_in(cpu_interp, compose, fast):
+    """generate() checks its inputs against the model's forward signature: the swapped-in loss forward must
+    show the original one, or a VLM's evaluation fails with "model_kwargs are not used: pixel_values" (seen on
+    an H100 after training with the fused loss). Generation itself runs the original forward: same answers."""
+    import inspect
+
+    from harness.collator import ChatCollator
+    from harness.data import build_datasets
+    from harness.evaluate import generate_answers
+    from harness.kernels.patch import _ce_forward, fused_loss_module
+    from harness.pipeline import build
+
+    _, run = compose([*fast, "logger=none"])
+    device, dtype, processor, _, model = build(run)
+    samples, _ = build_datasets(run.data, run.seed)
+    collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+    lm = fused_loss_module(model)
+    assert lm is None
+    before = generate_answers(model, collator, samples[:3], 3, 4, device, dtype=dtype)
+    report = accelerate_model(model, {"enabled": True, "compile": False, "lora": False, "rms_norm": False,
+                                      "rope": False, "swiglu": False, "cross_entropy": True}, force=True)
+    try:
+        assert len(report["cross_entropy"]) == 1
+        lm = fused_loss_module(model)
+        assert lm is not None and lm.forward.__func__ is _ce_forward
+        assert "pixel_values" in inspect.signature(lm.forward).parameters
+        after = generate_answers(model, collator, samples[:3], 3, 4, device, dtype=dtype)
+    finally:
+        revert_model(model)
+    assert after == before and len(after) == 3
