@@ -7,6 +7,7 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh unsloth    # ~5 min: Unsloth vs loop + Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh profile    # ~1.5 min: harness16's step, by kernel family
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
+#   AB="; --inductor combo_kernels=true" bash benchmarks/gpu_session.sh ab           # harness16 variants, one process each
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
 # Everything it prints is also written under $OUT (or ./gpu_out), one file per part.
@@ -26,10 +27,10 @@ case "$part" in
   peers)  # the anchor table, six stacks, each in its own process (Unsloth compiles on a cold cache: ~450 s in all)
     python3 -m harness mode=bench logger=none bench.timeout_s=300 hydra.run.dir="$out/bench" 2>&1 \
       | tee "$out/peers.txt" ;;
-  unsloth)  # Unsloth beside the harness, its loop and its Trainer, in one table (STACKS to choose; a cold
+  unsloth)  # Unsloth beside the harness, its loop and its Trainer (TRAINER=false: loop only), in one table (STACKS to choose; a cold
     # Unsloth compile cache takes ~150 s). The run dir stays in /tmp; its table and rows are copied to $out.
     python3 -m harness mode=bench logger=none "bench.stacks=${STACKS:-[unsloth16,unsloth4,harness16,harness4]}" \
-      bench.trainer=true bench.timeout_s="${STACK_TIMEOUT:-220}" hydra.run.dir=/tmp/bench_unsloth 2>&1 \
+      bench.trainer="${TRAINER:-true}" bench.timeout_s="${STACK_TIMEOUT:-220}" hydra.run.dir=/tmp/bench_unsloth 2>&1 \
       | tee "$out/unsloth.txt"
     cp /tmp/bench_unsloth/bench.md /tmp/bench_unsloth/bench.jsonl "$out/" 2>/dev/null ;;
   profile)  # where harness16's step goes: phases, host syncs, GPU time per kernel family, top kernels
@@ -41,10 +42,20 @@ case "$part" in
         --tokens 16384 --max-tokens 131072 > "/tmp/longest_$s.txt" 2>&1
       echo "$s exit $?"; grep -E " tokens: (fits|out of memory)|^\{" "/tmp/longest_$s.txt"  # probes so far, then the row
     done | tee "$out/longest.txt" ;;
+  ab)  # harness16 A/B, one process per variant: AB holds ';'-separated bench argument lists ('' = as shipped),
+    # run ROUNDS times interleaved; each prints its JSON row (STACK_TIMEOUT s each)
+    IFS=';' read -ra variants <<< "${AB:-;--inductor combo_kernels=true}"
+    for round in $(seq "${ROUNDS:-1}"); do
+      for v in "${variants[@]}"; do
+        echo "## round $round: harness16 $v"
+        # shellcheck disable=SC2086  # a variant is a list of arguments
+        timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack harness16 $v 2>&1 | tail -1
+      done
+    done | tee "$out/ab.txt" ;;
   tune)  # RMSNorm backward / RoPE launch-shape sweeps only
     python3 benchmarks/kernels_bench.py --tune-only 2>&1 | tee "$out/tune.txt" ;;
   kernels)
     python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|longest|tune|kernels" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|ab|longest|tune|kernels" >&2; exit 2 ;;
 esac

@@ -92,6 +92,8 @@ def build(a):
             from harness.kernels import accelerate_model
 
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode,
+                   # the kernels config's default, unless --inductor combo_kernels=... chose
+                   "combo_kernels": bool((getattr(a, "inductor", None) or {}).get("combo_kernels", True)),
                    "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false"}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
             if not getattr(a, "no_host_prep", False):
@@ -319,6 +321,13 @@ def profile(a):
     kernels = [(e.key, e.count, e.self_device_time_total / 1e3) for e in p.key_averages()
                if e.device_type == DeviceType.CUDA]
     print(category_table(kernel_categories(kernels, steps=2), wall_ms=wall * 1e3 / 2))
+    print(family_top(kernels, steps=2))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        p.export_chrome_trace(trace)
+        print(copy_sizes(trace, steps=2))
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
@@ -348,6 +357,57 @@ def kernel_categories(kernels, steps: int = 1) -> list[tuple[str, float, float]]
         slot[0] += count / steps
         slot[1] += ms / steps
     return sorted(((c, n, t) for c, (n, t) in acc.items()), key=lambda r: -r[2])
+
+
+def family_top(kernels, steps: int = 1, n: int = 5,
+               families: tuple[str, ...] = ("device copies (graph buffers, clones)",
+                                            "Inductor-generated (fused pointwise, norms)", "matmuls (cuBLAS/CUTLASS)",
+                                            "other")) -> str:
+    """The ``n`` costliest kernels of each named family (kernel_categories' patterns): count and ms per step,
+    mean us per launch; the kernel-level view behind a family's total in category_table."""
+    import re
+
+    by: dict[str, list[tuple[str, int, float]]] = {}
+    for name, count, ms in kernels:
+        cat = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, name)), "other")
+        by.setdefault(cat, []).append((name, count, ms))
+    lines = []
+    for fam in families:
+        rows = sorted(by.get(fam, []), key=lambda r: -r[2])[:n]
+        if not rows:
+            continue
+        lines += [f"{fam}: top {len(rows)}", "| kernel | per step | ms / step | us each |", "|---|---:|---:|---:|"]
+        for name, count, ms in rows:
+            short = name if len(name) <= 90 else name[:87] + "..."
+            lines.append(f"| {short} | {count / steps:,.0f} | {ms / steps:.2f} | {1e3 * ms / max(count, 1):.1f} |")
+    return "\n".join(lines)
+
+
+def copy_sizes(trace_path: str, steps: int = 1, n: int = 8) -> str:
+    """Device-to-device copies in a chrome trace by size: bytes (memcpy events) or launch shape (copy kernels,
+    e.g. the ``memcpy128`` a CUDA graph's memcpy nodes run as), with count and ms per step: which tensors
+    the copies move."""
+    import json
+
+    with open(trace_path) as f:
+        events = json.load(f).get("traceEvents", [])
+    acc: dict[str, list[float]] = {}
+    for e in events:
+        name, args = e.get("name", ""), e.get("args") or {}
+        if e.get("cat") == "gpu_memcpy" and "DtoD" in name:
+            key = f"{name} {args.get('bytes', '?')} B"
+        elif e.get("cat") == "kernel" and ("memcpy" in name or "copy_kernel" in name):
+            key = f"{name[:60]} grid {args.get('grid')} block {args.get('block')}"
+        else:
+            continue
+        slot = acc.setdefault(key, [0, 0.0])
+        slot[0] += 1
+        slot[1] += float(e.get("dur", 0.0)) / 1e3
+    rows = sorted(acc.items(), key=lambda kv: -kv[1][1])[:n]
+    lines = ["| device copy (size or launch shape) | per step | ms / step | us each |", "|---|---:|---:|---:|"]
+    for key, (count, ms) in rows:
+        lines.append(f"| {key} | {count / steps:,.0f} | {ms / steps:.2f} | {1e3 * ms / max(count, 1):.1f} |")
+    return "\n".join(lines)
 
 
 def category_table(cats, wall_ms: float | None = None) -> str:

@@ -56,6 +56,18 @@ class _Ungraphable(Exception):
     pass
 
 
+def _grouped_copy(dst: list, src: list) -> None:
+    """``dst[i].copy_(src[i])`` for all i: one multi-tensor launch for the pairs with equal strides, a copy each
+    for the rest. (``_foreach_copy_`` copies tensor by tensor when any pair's strides differ, e.g. a LoRA
+    B gradient that comes out of its matmul transposed: that would be two copy launches per LoRA layer.)"""
+    same = [(d, s) for d, s in zip(dst, src) if d.stride() == s.stride()]
+    if same:
+        torch._foreach_copy_([d for d, _ in same], [s for _, s in same])
+    for d, s in zip(dst, src):
+        if d.stride() != s.stride():
+            d.copy_(s)
+
+
 def flatten(x, leaves: list) -> tuple:
     """A hashable description of ``x`` (tuples, lists, dicts, plain tensors, plain values) with its
     tensors appended to ``leaves``; raises _Ungraphable for anything else."""
@@ -448,8 +460,7 @@ class LayerGraphs:
                     else:
                         dst.append(views[id(p)])
                         src.append(g)
-                if dst:  # one multi-tensor launch, not two small copies per LoRA layer
-                    torch._foreach_copy_(dst, src)
+                _grouped_copy(dst, src)
 
         graph = self._capture(key, layer, "backward", body)
         st.held.clear()

@@ -62,11 +62,12 @@ class KernelConfig:
     """Plain config object (a dict or any object with these attributes works too)."""
 
     def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
-                 compile=False, compile_backend="inductor", compile_mode="default", tiled_mlp=True):
+                 compile=False, compile_backend="inductor", compile_mode="default", tiled_mlp=True,
+                 combo_kernels=True):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
         self.compile, self.compile_backend, self.compile_mode = compile, compile_backend, compile_mode
-        self.tiled_mlp = tiled_mlp
+        self.tiled_mlp, self.combo_kernels = tiled_mlp, combo_kernels
 
 
 def _cfg_get(cfg, name, default):
@@ -485,5 +486,6 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     if want_compile:
         mode = _cfg_get(cfg, "compile_mode", "default")
         report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend", "inductor"),
-                                                   mode=None if mode == "default" else mode)
+                                                   mode=None if mode == "default" else mode,
+                                                   combo_kernels=bool(_cfg_get(cfg, "combo_kernels", True)))
     return dict(report)

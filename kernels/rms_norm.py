@@ -159,9 +159,14 @@ BWD_CONFIG: dict[int, tuple[int, int, int, int, bool]] = {}
 def _bwd_config(block: int) -> tuple[int, int, int, int, bool]:
     if block in BWD_CONFIG:
         return BWD_CONFIG[block]
-    # measured on an H100 (benchmarks/kernels_bench.py --tune): 4-row tiles, 2 programs per SM; the
-    # plain loop (1 stage) and the per-row dW accumulator until a sweep of those picks otherwise
-    return 4, 2, 4 if block <= 2048 else 16, 1, True
+    # the sweep's best on an H100 (benchmarks/kernels_bench.py --tune-only --only rms, 2026-12-05, 8,192 rows,
+    # bf16): hidden 1536 (block 2048): 2-row tiles, 3 pipeline stages, per-row dW: 0.0320 ms, 78.7% of copy
+    # bandwidth (was 4-row, 1 stage: 0.0344 ms, 73.2%); hidden 3584 (block 4096): 2-row tiles, 8 warps, plain
+    # loop, per-column dW: 0.0681 ms, 86.2% (was 4-row, 16 warps: 0.0727 ms, 80.8%). Wider rows: not swept; the
+    # plain loop with the per-column accumulator (no shared-memory pipeline to outgrow).
+    if block <= 2048:
+        return 2, 2, 4, 3, True
+    return 2, 2, 8 if block <= 4096 else 16, 1, False
 
 
 def _warps(block: int) -> int:

@@ -210,13 +210,14 @@ def _as_bhsd(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
     return x if unsqueeze_dim == 1 else x.transpose(1, 2)
 
 
-# elements of q per program (positions x padded heads x head_dim): 2K-8K measured best on an H100
-# (benchmarks/kernels_bench.py --tune)
-ELEMS_PER_PROGRAM = 4096
-# "2d": (position, head) rows, cos/sin loaded per row (measured: 72-73% of copy at 12 + 2 heads, 80-82% at
-# 28 + 4, H200); "3d": [positions, heads, dim] tiles, cos/sin loaded once per position for q and k (not
-# timed yet: `kernels_bench.py --tune-only --only rope` compares both)
-KERNEL = "2d"
+# elements of q per program (positions x padded heads x head_dim) and the kernel, from
+# `benchmarks/kernels_bench.py --tune-only --only rope` on an H100 (2026-12-05, 8,192 positions, bf16):
+# "3d" ([positions, heads, dim] tiles, cos/sin loaded once per position for q and k) at 1-2K elements runs
+# 88-89% of copy bandwidth forward and forward+backward at Qwen2-VL-2B's 12 + 2 heads and 95% at 28 + 4;
+# "2d" ((position, head) rows, cos/sin loaded per row) peaks at 82-85% and 91-92%. The 3d kernel drops to
+# 65-76% from 4K elements up, hence 2048.
+ELEMS_PER_PROGRAM = 2048
+KERNEL = "3d"
 
 
 def _rope_launch(q, k, cos, sin, unsqueeze_dim: int, backward: bool, dtypes):

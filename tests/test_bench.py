@@ -147,6 +147,40 @@ def test_kernel_categories_sort_profiler_rows_into_families():
     assert md.splitlines()[-1].startswith("| **all kernels** | 2,294 | 144.50 | 72% |")
 
 
+def test_family_top_and_copy_sizes_break_a_family_down(tmp_path):
+    import json
+
+    from harness.bench import copy_sizes, family_top
+
+    rows = [
+        ("memcpy128", 2000, 24.0),
+        ("Memcpy DtoD (Device -> Device)", 200, 4.0),
+        ("triton_poi_fused_add_0", 100, 2.0),
+        ("nvjet_hsh_256x128", 10, 50.0),
+    ]
+    md = family_top(rows, steps=2, n=1)
+    lines = md.splitlines()
+    # one row per family, the costliest: memcpy128 at 1,000 a step, 12 ms a step, 12 us each
+    assert "device copies (graph buffers, clones): top 1" in lines
+    assert "| memcpy128 | 1,000 | 12.00 | 12.0 |" in lines
+    assert not any("Memcpy DtoD" in line for line in lines)
+    assert "| triton_poi_fused_add_0 | 50 | 1.00 | 20.0 |" in lines
+    assert "| nvjet_hsh_256x128 | 5 | 25.00 | 5000.0 |" in lines
+
+    trace = tmp_path / "trace.json"
+    events = ([{"name": "memcpy128", "cat": "kernel", "dur": 30.0, "args": {"grid": [96, 1, 1], "block": [128, 1, 1]}}] * 4
+              + [{"name": "memcpy128", "cat": "kernel", "dur": 2.0, "args": {"grid": [1, 1, 1], "block": [128, 1, 1]}}] * 6
+              + [{"name": "Memcpy DtoD (Device -> Device)", "cat": "gpu_memcpy", "dur": 8.0, "args": {"bytes": 12582912}}] * 2
+              + [{"name": "Memcpy HtoD (Pinned -> Device)", "cat": "gpu_memcpy", "dur": 200.0, "args": {"bytes": 1}},
+                 {"name": "triton_poi_fused_add_0", "cat": "kernel", "dur": 50.0, "args": {}}])
+    trace.write_text(json.dumps({"traceEvents": events}))
+    md = copy_sizes(str(trace), steps=2).splitlines()
+    assert md[2] == "| memcpy128 grid [96, 1, 1] block [128, 1, 1] | 2 | 0.06 | 30.0 |"  # largest total first
+    assert md[3] == "| Memcpy DtoD (Device -> Device) 12582912 B | 1 | 0.01 | 8.0 |"
+    assert md[4] == "| memcpy128 grid [1, 1, 1] block [128, 1, 1] | 3 | 0.01 | 2.0 |"
+    assert len(md) == 5  # host copies and other kernels are not device copies
+
+
 def test_inductor_options_are_set_typed_and_named_in_the_table(monkeypatch):
     from torch._inductor import config as ic
 

@@ -322,3 +322,15 @@ def test_a_buffer_is_reused_only_for_the_tensor_it_holds():
     st.handed_out(st.inputs[0], None)  # a replay overwrote the buffer and handed nothing out
     st.copy_in([alias])
     assert st.copies == 7 and torch.equal(st.inputs[0], alias)
+
+
+def test_grouped_copy_copies_every_pair_whatever_its_strides():
+    from harness.layer_graphs import _grouped_copy
+
+    flat = torch.zeros(3 * 8 + 5 * 3)
+    dst = [flat[:24].view(3, 8), flat[24:].view(5, 3)]
+    src = [torch.randn(3, 8), torch.randn(3, 5).t()]  # the second one transposed, like a LoRA B gradient
+    _grouped_copy(dst, src)
+    for d, s in zip(dst, src):
+        torch.testing.assert_close(d, s, rtol=0, atol=0)
+    _grouped_copy([], [])  # nothing to copy: no launch, no error

@@ -196,3 +196,28 @@ def test_batched_windowed_vision_attention_matches(grids, window_len, image_len)
     assert grads.keys() == ref_grads.keys() and grads
     for k in grads:
         torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_combo_kernels_are_switched_on_for_cuda_models_only(monkeypatch):
+    """kernels.combo_kernels: set process-wide only when the compiled model is on CUDA (Inductor's CPU backend
+    has no combo kernels) and only when asked; False leaves the user's setting alone."""
+    import torch._inductor.config as ic
+
+    monkeypatch.setattr(ic, "combo_kernels", False)
+    model = _tiny_model()
+    try:
+        compile_layers(model, backend="aot_eager")
+        assert ic.combo_kernels is False  # CPU model
+        uncompile_layers(model)
+        fake_cuda = torch.nn.Parameter(torch.zeros(1))
+        monkeypatch.setattr(type(fake_cuda), "is_cuda", property(lambda self: True))
+        compile_layers(model, backend="inductor", combo_kernels=False)
+        assert ic.combo_kernels is False
+        uncompile_layers(model)
+        compile_layers(model, backend="aot_eager")  # not Inductor: nothing to set
+        assert ic.combo_kernels is False
+        uncompile_layers(model)
+        compile_layers(model, backend="inductor")
+        assert ic.combo_kernels is True
+    finally:
+        uncompile_layers(model)
