@@ -94,7 +94,8 @@ def build(a):
             cfg = {"enabled": True, "compile": not a.no_compile, "compile_mode": a.compile_mode,
                    # the kernels config's default, unless --inductor combo_kernels=... chose
                    "combo_kernels": bool((getattr(a, "inductor", None) or {}).get("combo_kernels", True)),
-                   "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false"}
+                   "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false",
+                   "lora_op": bool(getattr(a, "lora_op", False))}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
             if not getattr(a, "no_host_prep", False):
                 from harness import host_prep
@@ -452,6 +453,8 @@ def _label(r):
     name = r["stack"] + (" via Trainer" if r.get("loop") == "trainer" else "")
     if r.get("inductor"):
         name += " (inductor " + ", ".join(f"{k}={v}" for k, v in r["inductor"].items()) + ")"
+    if r.get("lora_op"):
+        name += " (lora_op)"
     return name if m == "anchor" else f"{name} [{m}]"
 
 
@@ -582,6 +585,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
     inductor = []  # the harness stacks' compiler settings only: the peers compile their own way
     for key, value in (getattr(bench, "inductor", None) or {}).items():
         inductor += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+    if getattr(bench, "lora_op", False):
+        inductor.append("--lora-op")
     common_of = {s: common + (inductor if s.startswith("harness") else []) for s in bench.stacks}
     plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
@@ -641,6 +646,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
     ap.add_argument("--no-graphs", action="store_true", help="no per-layer CUDA graphs (harness stacks)")
     ap.add_argument("--no-tiled-mlp", action="store_true", help="harness stacks: the compiled MLP untiled")
+    ap.add_argument("--lora-op", action="store_true",
+                    help="harness stacks: LoRA sums in the harness::lora_mm op (kernels.lora_op; kernels/lora_op.py)")
     ap.add_argument("--no-host-prep", action="store_true",
                     help="harness stacks: positions and vision segments computed in the forward (harness/host_prep.py)")
     ap.add_argument("--compile-mode", default="default",
@@ -676,6 +683,8 @@ def main():
             res = longest(a) if a.longest else run_trainer(a) if a.trainer else run(a)
             if a.inductor:
                 res["inductor"] = a.inductor
+            if a.lora_op:
+                res["lora_op"] = True
             print(json.dumps(res), flush=True)
         except Exception as e:
             import traceback

@@ -81,7 +81,7 @@ def accelerate(run: RunConfig, model) -> dict:
     # computes it without the full logits (vocab 151,936 x 4,096 tokens in fp32: 2.3 GiB)
     cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
                swiglu=k.swiglu, cross_entropy=k.cross_entropy, compile=k.compile != "false",
-               compile_mode=k.compile_mode, combo_kernels=k.combo_kernels,
+               compile_mode=k.compile_mode, combo_kernels=k.combo_kernels, lora_op=k.lora_op,
                # tiling saves memory by recomputing the MLP in backward: free under checkpointing (the
                # recompute skips it), a cost without
                tiled_mlp=k.tiled_mlp and checkpointing_mode(run.train.gradient_checkpointing,

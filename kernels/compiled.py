@@ -11,7 +11,9 @@ What runs inside a compiled layer (``compile_layers`` after :func:`prepare_for_c
 
 * LoRA linears (PEFT, one adapter, dropout 0, no DoRA): the same eligibility as the fused kernel;
   the forward is written for the compiler: the rank-r update and the bias in one ``addmm``
-  (scale folded into alpha), the base matmul added into it by a second ``addmm`` (beta=1), adapters
+  (scale folded into alpha), the base matmul added into it by a second ``addmm`` (beta=1; traced, that
+  add costs Inductor a copy of the output: ``kernels.lora_op`` runs the three GEMMs inside one opaque op,
+  ``harness::lora_mm`` in kernels/lora_op.py, with the add in place), adapters
   cast to the activation dtype inside the graph (fp32 master weights stay fp32 for the
   optimizer). nf4 bases go through the registered ``harness::dequantize_nf4`` op (the Triton
   dequant kernel, opaque to the compiler).
@@ -39,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lora_op import lowrank_addmm
 from .nf4_dequant import dequantize_nf4_op, quant_state_tensors
 from .patch import _lora_call_args, _mlp_act, _original_forward, _swap_forward, swap_lora_forward
 from .tiled_mlp import _STATE as tiled_mlp_state
@@ -47,11 +50,14 @@ from .tiled_mlp import mlp_ends_layer, tiled_gated_mlp
 __all__ = ["prepare_for_compile", "compile_layers", "uncompile_layers", "lean_lora_forward", "tiled_mlp_forward"]
 
 _SEG = "_harness_seg_len"  # attention-module attribute: patches per attended segment (frame or window), or None
+_LORA_OP = "_harness_lora_op"  # LoRA-linear / tiled-MLP attribute: kernels.lora_op (the sums in harness::lora_mm)
 
 
 # --------------------------------------------------------------------------- LoRA
 def lean_lora_forward(self, x, *args, **kwargs):
-    """``base(x) + s * B(A(x))`` as two addmm calls: traceable, no fp32 round trip."""
+    """``base(x) + s * B(A(x))``: the rank-r update and the bias in one ``addmm`` (scale folded into alpha),
+    the base matmul added by a second (beta=1); with ``kernels.lora_op`` the same three GEMMs inside the
+    ``harness::lora_mm`` op. The adapters' casts stay traced. No fp32 round trip."""
     call = None if (args or kwargs) else _lora_call_args(self)
     if call is None:
         return _original_forward(self)(x, *args, **kwargs)
@@ -64,14 +70,18 @@ def lean_lora_forward(self, x, *args, **kwargs):
         w = dequantize_nf4_op(packed, absmax, bs, absmax2, code2, bs2, offset, wshape, dt)
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    xa = F.linear(x2, A.to(dt))
-    out_features = B.shape[0]
-    if b is not None:
-        y = torch.addmm(b.to(dt), xa, B.to(dt).t(), alpha=s)
+    if self.__dict__.get(_LORA_OP):
+        # one opaque op (kernels/lora_op.py): the base GEMM adds into the rank-r product in place; traced, that
+        # add becomes an out-of-place addmm, which Inductor runs as a copy of the output plus the GEMM
+        y = lowrank_addmm(x2, w.to(dt), A.to(dt), B.to(dt), s, None if b is None else b.to(dt))
     else:
-        y = torch.mm(xa, B.to(dt).t()) * s
-    y = torch.addmm(y, x2, w.to(dt).t())
-    return y.reshape(*shape[:-1], out_features)
+        xa = F.linear(x2, A.to(dt))
+        if b is not None:
+            y = torch.addmm(b.to(dt), xa, B.to(dt).t(), alpha=s)
+        else:
+            y = torch.mm(xa, B.to(dt).t()) * s
+        y = torch.addmm(y, x2, w.to(dt).t())
+    return y.reshape(*shape[:-1], B.shape[0])
 
 
 # --------------------------------------------------------------------------- vision attention
@@ -163,8 +173,12 @@ def _batched_vision_attention(self, hidden_states, *args, **kwargs):
 
 
 # --------------------------------------------------------------------------- entry points
-def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: bool = True) -> dict:
+def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: bool = True,
+                        lora_op: bool = False) -> dict:
     """Swap the compiler-friendly forwards in; return ``{what: [module names]}``.
+
+    ``lora_op``: LoRA sums through the opaque ``harness::lora_mm`` op (kernels/lora_op.py), which adds the
+    base GEMM in place; off, they are traced ``addmm`` calls, for which Inductor copies the output first.
 
     ``tiled_mlp``: gated MLPs whose projections are fused LoRA layers on 16-bit bases (or frozen plain
     linears) run as :func:`harness.kernels.tiled_mlp.tiled_gated_mlp`."""
@@ -174,6 +188,7 @@ def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: boo
         if kind is not None:
             if kind == "lora_linear_nf4":
                 _capture_nf4(m)
+            m.__dict__[_LORA_OP] = bool(lora_op)
             report.setdefault(kind, []).append(name)
             continue
         if _packed_patch_tower(m) and "_harness_seg_hook" not in m.__dict__:
@@ -185,6 +200,7 @@ def prepare_for_compile(model: nn.Module, want_lora: bool = True, tiled_mlp: boo
         for name, m in model.named_modules():
             if _tiled_mlp_eligible(m):
                 _swap_forward(m, tiled_mlp_forward)
+                m.__dict__[_LORA_OP] = bool(lora_op)
                 report.setdefault("tiled_mlp", []).append(name)
         for m in model.modules():  # layers whose MLP output only feeds the final residual add
             mlp = getattr(m, "mlp", None)
@@ -220,7 +236,8 @@ def tiled_mlp_forward(self, x):
         return _original_forward(self)(x)
     (Wg, Ag, Bg, sg), (Wu, Au, Bu, su), (Wd, Ad, Bd, sd) = args
     skip = bool(self.__dict__.get("_harness_mlp_ends_layer")) and tiled_mlp_state["recompute"]
-    return tiled_gated_mlp(x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, self.__dict__["_harness_tiled_act"], skip)
+    return tiled_gated_mlp(x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, self.__dict__["_harness_tiled_act"], skip,
+                           op=bool(self.__dict__.get(_LORA_OP)))
 
 
 def _capture_nf4(m: nn.Module) -> None:

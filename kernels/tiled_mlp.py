@@ -24,6 +24,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .lora_op import lora_mm
+
 __all__ = ["tiled_gated_mlp", "gated_mlp_reference", "TiledGatedMLPFunction", "recomputing", "mlp_ends_layer",
            "TILE_ROWS"]
 
@@ -77,22 +79,30 @@ def _act_grad(g: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * g * g)
 
 
-def _proj(x, W, A, B, s):
-    y = x @ W.t()
-    if A is not None:
-        y = torch.addmm(y, x @ A.to(x.dtype).t(), B.to(x.dtype).t(), alpha=s)
-    return y
+# ``op=True`` (kernels.lora_op): the sums go through ``harness::lora_mm`` (kernels/lora_op.py). Compiled, an
+# out-of-place ``addmm(y, a, b)`` copies ``y`` first, here a [tile rows, intermediate] tensor; inside the op the
+# add is in place. ``op=False``: the traced addmm (the path the 2026-12-05 GPU numbers were measured with).
+def _proj(x, W, A, B, s, op=False):
+    if A is None:
+        return x @ W.t()
+    if op:
+        return lora_mm(x, W, None, A.to(x.dtype), B.to(x.dtype), float(s))[0]
+    return torch.addmm(x @ W.t(), x @ A.to(x.dtype).t(), B.to(x.dtype).t(), alpha=s)
 
 
-def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib):
+def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib, op=False):
     """dx of one projection; LoRA grads accumulated into grads[ia] / grads[ib] (fp32)."""
-    dx = dy @ W.to(dy.dtype)
-    if A is not None:
-        Ad, Bd = A.to(dy.dtype), B.to(dy.dtype)
+    if A is None:
+        return dy @ W.to(dy.dtype)
+    Ad, Bd = A.to(dy.dtype), B.to(dy.dtype)
+    if op:
+        # dx = dy W + s (dy B) A: the op's forward with x=dy, w=W^T, A=B^T, B=A^T; gB = dy B comes back too
+        dx, gB = lora_mm(dy, W.to(dy.dtype).t(), None, Bd.t(), Ad.t(), float(s))  # gB: [n, r]
+    else:
         gB = dy @ Bd                                   # [n, r]
-        dx = torch.addmm(dx, gB, Ad, alpha=s)
-        grads[ia] += s * (gB.t() @ x).float()          # [r, in]
-        grads[ib] += s * (dy.t() @ (x @ Ad.t())).float()  # [out, r]
+        dx = torch.addmm(dy @ W.to(dy.dtype), gB, Ad, alpha=s)
+    grads[ia] += s * (gB.t() @ x).float()          # [r, in]
+    grads[ib] += s * (dy.t() @ (x @ Ad.t())).float()  # [out, r]
     return dx
 
 
@@ -103,51 +113,52 @@ def _tiles(n: int) -> int:
 
 class TiledGatedMLPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, act, skip):
+    def forward(ctx, x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, act, skip, op):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         out = (x2.new_zeros if skip else x2.new_empty)(x2.shape[0], Wd.shape[0])
         if not skip:
             for xt, ot in zip(x2.tensor_split(_tiles(x2.shape[0])), out.tensor_split(_tiles(x2.shape[0]))):
-                g, u = _proj(xt, Wg, Ag, Bg, sg), _proj(xt, Wu, Au, Bu, su)
+                g, u = _proj(xt, Wg, Ag, Bg, sg, op), _proj(xt, Wu, Au, Bu, su, op)
                 h = (_act_fwd(g, act) * u.float()).to(xt.dtype)
-                ot.copy_(_proj(h, Wd, Ad, Bd, sd))
+                ot.copy_(_proj(h, Wd, Ad, Bd, sd, op))
         ctx.save_for_backward(x2, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd)
-        ctx.scales, ctx.act, ctx.shape = (sg, su, sd), act, shape
+        ctx.scales, ctx.act, ctx.shape, ctx.op = (sg, su, sd), act, shape, op
         return out.view(*shape[:-1], Wd.shape[0])
 
     @staticmethod
     def backward(ctx, dout):
         x2, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd = ctx.saved_tensors
         sg, su, sd = ctx.scales
-        act = ctx.act
+        act, op = ctx.act, ctx.op
         adapters = (Ag, Bg, Au, Bu, Ad, Bd)
         grads = [None if t is None else torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in adapters]
         dout2 = dout.reshape(-1, dout.shape[-1]).to(x2.dtype)
         dx = torch.empty_like(x2)
         n = _tiles(x2.shape[0])
         for xt, dyt, dxt in zip(x2.tensor_split(n), dout2.tensor_split(n), dx.tensor_split(n)):
-            g, u = _proj(xt, Wg, Ag, Bg, sg), _proj(xt, Wu, Au, Bu, su)
+            g, u = _proj(xt, Wg, Ag, Bg, sg, op), _proj(xt, Wu, Au, Bu, su, op)
             a, da = _act_grad(g, act)
             h = (a * u.float()).to(xt.dtype)
-            dh = _proj_bwd(dyt, h, Wd, Ad, Bd, sd, grads, 4, 5).float()
+            dh = _proj_bwd(dyt, h, Wd, Ad, Bd, sd, grads, 4, 5, op).float()
             dg = (dh * u.float() * da).to(xt.dtype)
             du = (dh * a).to(xt.dtype)
-            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1) + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3))
+            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1, op) + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3, op))
         out = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, adapters)]
-        return (dx.view(ctx.shape), None, None, None, *out, None, None, None, None, None)
+        return (dx.view(ctx.shape), None, None, None, *out, None, None, None, None, None, None)
 
 
 def tiled_gated_mlp(x, Wg, Wu, Wd, Ag=None, Bg=None, Au=None, Bu=None, Ad=None, Bd=None,
-                    sg=1.0, su=1.0, sd=1.0, act: str = "silu", skip: bool | None = None):
+                    sg=1.0, su=1.0, sd=1.0, act: str = "silu", skip: bool | None = None, op: bool = False):
     """``down(act(gate(x)) * up(x))`` with LoRA on any of the three projections (``A=B=None``: none).
-    ``skip=None`` reads :func:`recomputing` (the caller must know that the output value is unused)."""
+    ``skip=None`` reads :func:`recomputing` (the caller must know that the output value is unused).
+    ``op``: the LoRA sums through ``harness::lora_mm`` (kernels/lora_op.py) instead of traced addmm."""
     if act not in ("silu", "gelu_tanh"):
         raise ValueError(f"tiled_gated_mlp: act={act!r} (allowed: silu, gelu_tanh)")
     if skip is None:
         skip = _STATE["recompute"]
     return TiledGatedMLPFunction.apply(x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, float(sg), float(su), float(sd),
-                                       act, bool(skip))
+                                       act, bool(skip), bool(op))
 
 
 def gated_mlp_reference(x, Wg, Wu, Wd, Ag=None, Bg=None, Au=None, Bu=None, Ad=None, Bd=None,

@@ -98,3 +98,18 @@ def test_optimizer_name_is_checked_against_transformers():
     assert resolve_optim("auto", torch.device("cuda")) == "adamw_torch_fused"
     assert resolve_optim("auto", torch.device("cpu")) == "adamw_torch"
     assert resolve_optim("sgd", torch.device("cuda")) == "sgd"
+
+
+def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
+    """kernels.* from the command line arrive in the config accelerate_model reads (a renamed field would
+    otherwise be dropped silently, the kernel running with its default)."""
+    import harness.kernels as hk
+    from harness import pipeline
+
+    _, run = compose(["kernels.enabled=true", "kernels.lora_op=true", "kernels.combo_kernels=false",
+                      "kernels.tiled_mlp=false", "kernels.rope=false", "kernels.host_prep=false"])
+    seen = {}
+    monkeypatch.setattr(hk, "accelerate_model", lambda model, cfg: seen.update(cfg) or {})
+    pipeline.accelerate(run, model=None)
+    assert seen["lora_op"] is True and seen["combo_kernels"] is False
+    assert seen["tiled_mlp"] is False and seen["rope"] is False and seen["enabled"] is True

@@ -24,14 +24,17 @@ def _check(model, inputs, loss_ref, grads_ref, rtol=1e-4, atol=1e-5):
         torch.testing.assert_close(grads[n], grads_ref[n], rtol=rtol, atol=atol, msg=lambda m: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("gc,seed", [("off", 11), ("standard", 12), ("offloaded", 13)])
-def test_compiled_layers_match_eager(gc, seed):
+@pytest.mark.parametrize("gc,seed,lora_op", [("off", 11, False), ("standard", 12, False), ("offloaded", 13, False),
+                                             ("off", 14, True), ("offloaded", 15, True)])
+def test_compiled_layers_match_eager(gc, seed, lora_op):
     torch._dynamo.reset()
     model = _tiny_model()
     inputs = dict(_inputs(seed), use_cache=False)  # training: no KV cache (it differs per layer)
     loss_ref, grads_ref = _loss_and_grads(model, inputs)
 
-    report = prepare_for_compile(model)
+    report = prepare_for_compile(model, lora_op=lora_op)
+    lora_mods = [m for m in model.modules() if "_harness_lora_op" in m.__dict__]
+    assert len(lora_mods) == 2 * 5 + 3 + len(report["tiled_mlp"]) and all(m.__dict__["_harness_lora_op"] is lora_op for m in lora_mods)
     assert len(report["lora_linear"]) == 2 * 5 + 3
     assert len(report["vision_attention_batched"]) == 1
     names = compile_layers(model, backend="aot_eager")

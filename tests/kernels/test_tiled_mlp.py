@@ -26,14 +26,15 @@ def _weights(H, I, r, lora, dtype=torch.float32):
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("lora", [(True, True, True), (True, False, True), (False, False, True)])
 @pytest.mark.parametrize("rows", [23, 4])
-def test_tiled_mlp_matches_autograd_fp32(seed, monkeypatch, close, act, lora, rows):
+@pytest.mark.parametrize("op", [False, True])  # LoRA sums as traced addmm / in the harness::lora_mm op
+def test_tiled_mlp_matches_autograd_fp32(seed, monkeypatch, close, act, lora, rows, op):
     monkeypatch.setattr(tm, "TILE_ROWS", 4)  # 23 rows -> 8 tiles of 2-3 rows; 4 rows -> 1 tile
     H, I, r = 24, 40, 4
     W, ads = _weights(H, I, r, lora)
     x = torch.randn(1, rows, H, requires_grad=True)
     dy = torch.randn(1, rows, H)
     scales = (2.0, 0.5, 1.5)
-    y = tiled_gated_mlp(x, *W, *ads, *scales, act=act)
+    y = tiled_gated_mlp(x, *W, *ads, *scales, act=act, op=op)
     yr = gated_mlp_reference(x, *W, *ads, *scales, act=act)
     close(y, yr, 1e-5, 1e-6, "y")
     leaves = [x] + [a for a in ads if a is not None]
@@ -43,13 +44,14 @@ def test_tiled_mlp_matches_autograd_fp32(seed, monkeypatch, close, act, lora, ro
         close(g, rf, 1e-5, 1e-6, f"grad {i}")
 
 
-def test_tiled_mlp_bf16_activations_fp32_adapters(seed, monkeypatch):
+@pytest.mark.parametrize("op", [False, True])
+def test_tiled_mlp_bf16_activations_fp32_adapters(seed, monkeypatch, op):
     monkeypatch.setattr(tm, "TILE_ROWS", 8)
     H, I, r = 32, 48, 4
     W, ads = _weights(H, I, r, (True, True, True), torch.bfloat16)
     x = torch.randn(37, H, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(37, H, dtype=torch.bfloat16)
-    y = tiled_gated_mlp(x, *W, *ads, 2.0, 2.0, 2.0)
+    y = tiled_gated_mlp(x, *W, *ads, 2.0, 2.0, 2.0, op=op)
     assert y.dtype == torch.bfloat16
     leaves = [x] + ads
     got = torch.autograd.grad(y, leaves, dy)
@@ -99,18 +101,18 @@ def test_mlp_ends_layer_reads_the_layer_source():
         assert not mlp_ends_layer(cls), cls
 
 
-def _prepared(monkeypatch):
+def _prepared(monkeypatch, lora_op=False):
     monkeypatch.setattr(tm, "TILE_ROWS", 5)  # 26 tokens -> 8 tiles
     model = _tiny_model()
     model.train()
-    report = compiled.prepare_for_compile(model)
+    report = compiled.prepare_for_compile(model, lora_op=lora_op)
     assert len(report["tiled_mlp"]) == 2  # the two decoder layers' MLPs (the vision MLP is not gated)
     ends = [m for m in model.modules() if m.__dict__.get("_harness_mlp_ends_layer")]
     assert len(ends) == 2
     return model
 
 
-@pytest.mark.parametrize("mode", ["false", "true", "unsloth", "unsloth+graphs"])
+@pytest.mark.parametrize("mode", ["false", "true", "unsloth", "unsloth+graphs", "unsloth+graphs+lora_op"])
 def test_whole_model_gradients_with_tiled_mlp(monkeypatch, mode):
     """Tiny Qwen2-VL, tiled MLPs, each checkpointing path: loss and every LoRA gradient match the plain
     model; in every recompute the MLPs skipped their forward."""
@@ -124,8 +126,8 @@ def test_whole_model_gradients_with_tiled_mlp(monkeypatch, mode):
     monkeypatch.setattr(compiled, "tiled_gated_mlp", counting)
     ref_model = _tiny_model()
     ref_model.train()
-    model = _prepared(monkeypatch)
-    if mode == "unsloth+graphs":
+    model = _prepared(monkeypatch, lora_op=mode.endswith("lora_op"))
+    if mode.startswith("unsloth+graphs"):
         from ..test_layer_graphs import Replay
 
         enable_checkpointing(model, "unsloth", torch.device("cpu"), force=True, graphs=True)
@@ -149,7 +151,8 @@ def test_whole_model_gradients_with_tiled_mlp(monkeypatch, mode):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
-def test_tiled_mlp_bf16_gpu_real_size(cuda, rel, act, monkeypatch):
+@pytest.mark.parametrize("op", [False, True])
+def test_tiled_mlp_bf16_gpu_real_size(cuda, rel, act, op, monkeypatch):
     """Qwen2-VL-2B's MLP at 8,192 tokens in bf16: values and gradients within bf16 tolerance of the unfused
     module, and the backward's peak memory well under the unfused one's (eager here: the fp32 activation
     temporaries that the compiler fuses away are per tile, so 8 tiles of 1,024 rows)."""
@@ -173,7 +176,8 @@ def test_tiled_mlp_bf16_gpu_real_size(cuda, rel, act, monkeypatch):
         torch.cuda.synchronize()
         return res, torch.cuda.max_memory_allocated() - base
 
-    got, m_tiled = peak(lambda: torch.autograd.grad(tiled_gated_mlp(x, *W, *ads, 2.0, 2.0, 2.0, act=act), [x] + ads, dy))
+    got, m_tiled = peak(lambda: torch.autograd.grad(tiled_gated_mlp(x, *W, *ads, 2.0, 2.0, 2.0, act=act, op=op),
+                                                    [x] + ads, dy))
     ref, m_ref = peak(lambda: torch.autograd.grad(gated_mlp_reference(x, *W, *ads, 2.0, 2.0, 2.0, act=act), [x] + ads, dy))
     x32 = x.detach().float().requires_grad_(True)
     ref32 = torch.autograd.grad(gated_mlp_reference(x32, *[w.float() for w in W], *ads, 2.0, 2.0, 2.0, act=act),

@@ -1,0 +1,98 @@
+"""The LoRA linear ``y = x W^T (+ b) + s (x A^T) B^T`` as two ``torch.library`` custom ops, for compiled layers.
+
+Why ops and not traced code: the sum of the base and the low-rank product is cheapest as one GEMM that adds
+into the other's output in place (cuBLAS ``beta=1``). Traced by torch.compile, an in-place ``addmm_`` is
+functionalized into an out-of-place ``addmm(y, a, b)``, and Inductor's extern ``addmm`` copies ``y`` into a
+new buffer before the GEMM. On the anchor workload that was 1,108 copies and 12.75 ms of a 172 ms step
+(docs/benchmarks.md, 2026-12-05 profile: 280 of them [2048, 8960] MLP tiles). Inside an opaque op the
+in-place add stays in place:
+
+* ``harness::lora_mm(x, w, b, A, B, s) -> (y, xa)``: ``xa = x A^T``; ``y = b + s xa B^T`` (or ``s xa B^T``);
+  ``y += x W^T`` in place. ``xa`` is returned for the backward (``dB = s dy^T xa``) and is not differentiable
+  (call :func:`lowrank_addmm`, which returns ``y`` alone).
+* ``harness::lora_mm_backward(dy, x, w, A, B, xa, s, ...) -> (dx, dA, dB)``: ``g = dy B``;
+  ``dx = s g A``, ``dx += dy W`` in place; ``dA = s g^T x``; ``dB = s dy^T xa``. ``W`` frozen; bias and
+  weight gradients, when asked for, come from the autograd wrapper.
+
+Both run cuBLAS only (deterministic: no atomics), in the inputs' dtype, for 2-D ``x``. The reference is
+:func:`harness.kernels.lora_linear.lora_linear_reference`; tests compare the two, eager and compiled.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+__all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
+
+
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * a @ b`` in one GEMM."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    if alpha == 1.0:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
+
+
+@torch.library.custom_op("harness::lora_mm", mutates_args=())
+def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
+            s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    xa = torch.mm(x, A.t())
+    y = torch.addmm(b, xa, B.t(), alpha=s) if b is not None else _scaled_mm(xa, B.t(), s)
+    y.addmm_(x, w.t())
+    return y, xa
+
+
+@lora_mm.register_fake
+def _(x, w, b, A, B, s):
+    return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], A.shape[0]))
+
+
+@torch.library.custom_op("harness::lora_mm_backward", mutates_args=())
+def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                     xa: torch.Tensor, s: float, need_x: bool, need_a: bool,
+                     need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.mm(dy, B)  # [N, r]
+    if need_x:
+        dx = _scaled_mm(g, A, s)
+        dx.addmm_(dy, w)
+    else:
+        dx = x.new_empty((0,))
+    dA = _scaled_mm(g.t(), x, s) if need_a else A.new_empty((0,))
+    dB = _scaled_mm(dy.t(), xa, s) if need_b else B.new_empty((0,))
+    return dx, dA, dB
+
+
+@lora_mm_backward.register_fake
+def _(dy, x, w, A, B, xa, s, need_x, need_a, need_b):
+    return (x.new_empty(x.shape) if need_x else x.new_empty((0,)),
+            A.new_empty(A.shape) if need_a else A.new_empty((0,)),
+            B.new_empty(B.shape) if need_b else B.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, A, B, s = inputs
+    ctx.save_for_backward(x, w, A, B, output[1])
+    ctx.s = s
+    ctx.has_bias = b is not None
+
+
+def _backward(ctx, dy, _dxa):
+    # ``xa`` is an auxiliary output, saved for this backward: only lowrank_addmm calls lora_mm and it never
+    # hands xa out, so its incoming gradient is autograd's materialized zeros and is ignored (the compiler
+    # drops them as dead code)
+    x, w, A, B, xa = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+    dx, dA, dB = lora_mm_backward(dy, x, w, A, B, xa, ctx.s, need_x, need_a, need_b)
+    dw = dy.t() @ x if need_w else None
+    db = dy.sum(0) if need_bias and ctx.has_bias else None
+    return (dx if need_x else None, dw, db, dA if need_a else None, dB if need_b else None, None)
+
+
+lora_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lowrank_addmm(x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float,
+                  b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ w^T (+ b) + s (x @ A^T) @ B^T`` for 2-D ``x``, the sum written once (see module docstring)."""
+    return lora_mm(x, w, b, A, B, float(s))[0]
