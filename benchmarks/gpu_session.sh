@@ -28,9 +28,11 @@ case "$part" in
     python3 -m harness mode=bench logger=none bench.timeout_s=300 hydra.run.dir="$out/bench" 2>&1 \
       | tee "$out/peers.txt" ;;
   unsloth)  # Unsloth beside the harness, its loop and its Trainer (TRAINER=false: loop only), in one table (STACKS to choose; a cold
-    # Unsloth compile cache takes ~150 s). The run dir stays in /tmp; its table and rows are copied to $out.
+    # Unsloth compile cache takes ~150 s; EXTRA: more overrides, e.g. EXTRA="bench.batch=2 bench.tokens=2048" for
+    # another shape). The run dir stays in /tmp; its table and rows are copied to $out.
+    # shellcheck disable=SC2086  # EXTRA is a list of overrides
     python3 -m harness mode=bench logger=none "bench.stacks=${STACKS:-[unsloth16,unsloth4,harness16,harness4]}" \
-      bench.trainer="${TRAINER:-true}" bench.timeout_s="${STACK_TIMEOUT:-220}" hydra.run.dir=/tmp/bench_unsloth 2>&1 \
+      bench.trainer="${TRAINER:-true}" bench.timeout_s="${STACK_TIMEOUT:-220}" ${EXTRA:-} hydra.run.dir=/tmp/bench_unsloth 2>&1 \
       | tee "$out/unsloth.txt"
     cp /tmp/bench_unsloth/bench.md /tmp/bench_unsloth/bench.jsonl "$out/" 2>/dev/null ;;
   profile)  # where harness16's step goes: phases, host syncs, GPU time per kernel family, top kernels
