@@ -582,12 +582,12 @@ def bench_mode(bench, out_dir) -> list[dict]:
         common.append("--no-graphs")
     if bench.memory_gib:
         common += ["--memory-gib", str(bench.memory_gib)]
-    inductor = []  # the harness stacks' compiler settings only: the peers compile their own way
+    harness_only = []  # the harness stacks' compiler and kernel settings: the peers compile their own way
     for key, value in (getattr(bench, "inductor", None) or {}).items():
-        inductor += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        harness_only += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     if getattr(bench, "lora_op", False):
-        inductor.append("--lora-op")
-    common_of = {s: common + (inductor if s.startswith("harness") else []) for s in bench.stacks}
+        harness_only.append("--lora-op")
+    common_of = {s: common + (harness_only if s.startswith("harness") else []) for s in bench.stacks}
     plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
         plan += [(s, common_of[s] + ["--gc", bench.gc, "--trainer"]) for s in bench.stacks if s.startswith("harness")]

@@ -23,22 +23,16 @@ from typing import Optional
 
 import torch
 
+from .lora_linear import _mm_scaled
+
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
-
-
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha * a @ b`` in one GEMM."""
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
-    if alpha == 1.0:
-        return torch.mm(a, b, out=out)
-    return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
 @torch.library.custom_op("harness::lora_mm", mutates_args=())
 def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
             s: float) -> tuple[torch.Tensor, torch.Tensor]:
     xa = torch.mm(x, A.t())
-    y = torch.addmm(b, xa, B.t(), alpha=s) if b is not None else _scaled_mm(xa, B.t(), s)
+    y = torch.addmm(b, xa, B.t(), alpha=s) if b is not None else _mm_scaled(xa, B.t(), s)
     y.addmm_(x, w.t())
     return y, xa
 
@@ -54,12 +48,12 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.mm(dy, B)  # [N, r]
     if need_x:
-        dx = _scaled_mm(g, A, s)
+        dx = _mm_scaled(g, A, s)
         dx.addmm_(dy, w)
     else:
         dx = x.new_empty((0,))
-    dA = _scaled_mm(g.t(), x, s) if need_a else A.new_empty((0,))
-    dB = _scaled_mm(dy.t(), xa, s) if need_b else B.new_empty((0,))
+    dA = _mm_scaled(g.t(), x, s) if need_a else A.new_empty((0,))
+    dB = _mm_scaled(dy.t(), xa, s) if need_b else B.new_empty((0,))
     return dx, dA, dB
 
 

@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .lora_op import lora_mm
+from .lora_op import lora_mm, lowrank_addmm
 
 __all__ = ["tiled_gated_mlp", "gated_mlp_reference", "TiledGatedMLPFunction", "recomputing", "mlp_ends_layer",
            "TILE_ROWS"]
@@ -86,7 +86,7 @@ def _proj(x, W, A, B, s, op=False):
     if A is None:
         return x @ W.t()
     if op:
-        return lora_mm(x, W, None, A.to(x.dtype), B.to(x.dtype), float(s))[0]
+        return lowrank_addmm(x, W, A.to(x.dtype), B.to(x.dtype), s)
     return torch.addmm(x @ W.t(), x @ A.to(x.dtype).t(), B.to(x.dtype).t(), alpha=s)
 
 
@@ -143,7 +143,8 @@ class TiledGatedMLPFunction(torch.autograd.Function):
             dh = _proj_bwd(dyt, h, Wd, Ad, Bd, sd, grads, 4, 5, op).float()
             dg = (dh * u.float() * da).to(xt.dtype)
             du = (dh * a).to(xt.dtype)
-            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1, op) + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3, op))
+            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1, op)
+                      + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3, op))
         out = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, adapters)]
         return (dx.view(ctx.shape), None, None, None, *out, None, None, None, None, None, None)
 
