@@ -38,10 +38,10 @@ case "$part" in
   profile)  # where harness16's step goes: phases, host syncs, GPU time per kernel family, top kernels
     python3 -m harness.bench --stack harness16 --profile 2>&1 | tee "$out/profile.txt" ;;
   longest)  # longest sequence at batch 1, an 80 GB card's memory on any card so H100 and H200 calls compare;
-    # one process per stack, searched from 16,384 tokens (STACK_TIMEOUT s each)
+    # one process per stack, searched from 16,384 tokens to GRANULARITY tokens (STACK_TIMEOUT s each)
     for s in ${LONGEST_STACKS:-hf16 unsloth16 harness16}; do
       timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack "$s" --longest --memory-gib 80 \
-        --tokens 16384 --max-tokens 131072 > "/tmp/longest_$s.txt" 2>&1
+        --tokens 16384 --max-tokens 131072 --granularity "${GRANULARITY:-2048}" > "/tmp/longest_$s.txt" 2>&1
       echo "$s exit $?"; grep -E " tokens: (fits|out of memory)|^\{" "/tmp/longest_$s.txt"  # probes so far, then the row
     done | tee "$out/longest.txt" ;;
   ab)  # harness16 A/B, one process per variant: AB holds ';'-separated bench argument lists ('' = as shipped),

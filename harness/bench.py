@@ -241,7 +241,7 @@ def cap_memory(gib: float, device: str) -> float | None:
 
 def longest(a):
     """The longest sequence (batch 1, one image for VLMs) that trains one step without running out of
-    GPU memory: doubling from --tokens, then bisection to 256 tokens, all in this process."""
+    GPU memory: doubling from --tokens, then bisection to --granularity tokens, all in this process."""
     import gc
 
     model, accelerated, ckpt = build(a)
@@ -265,9 +265,9 @@ def longest(a):
         print(f"  {a.stack} {n} tokens: {'fits' if ok else 'out of memory'}", file=sys.stderr, flush=True)
         return ok
 
-    best = longest_fitting(fits, a.tokens, a.max_tokens, 256)
+    best = longest_fitting(fits, a.tokens, a.max_tokens, a.granularity)
     return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens,
-                memory_gib=a.memory_gib or None, tried=dict(sorted(tried.items())),
+                granularity=a.granularity, memory_gib=a.memory_gib or None, tried=dict(sorted(tried.items())),
                 gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
 
 
@@ -659,6 +659,8 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a smoke run (tiny models)")
     ap.add_argument("--longest", action="store_true", help="search the longest sequence that fits at batch 1")
     ap.add_argument("--max-tokens", type=int, default=65536, help="--longest: upper end of the search")
+    ap.add_argument("--granularity", type=int, default=256,
+                    help="--longest: bisection stops when the bracket is this narrow (tokens)")
     ap.add_argument("--memory-gib", type=float, default=0.0,
                     help="cap this process's GPU memory (torch's per-process fraction); 0: the whole GPU")
     ap.add_argument("--mem-trace", action="store_true",
