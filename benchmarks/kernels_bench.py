@@ -137,6 +137,9 @@ def bench_rms(copy_bw, N, H):
     # the backward alone, on a retained graph: reads dy, x, rstd, writes dx (+ the small dW partial sum)
     b = both(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True))
     row("rms_norm bwd", f"[{N},{H}]", b, 3 * N * H * 2 + 4 * N, copy_bw, "(backward alone, dW sum included)")
+    y_frozen = rms_norm(x, w.detach(), 1e-6)  # LoRA training: the norm weight is frozen, the backward is dX alone
+    bf = both(lambda: torch.autograd.grad(y_frozen, (x,), dy, retain_graph=True))
+    row("rms_norm bwd frozen weight", f"[{N},{H}]", bf, 3 * N * H * 2 + 4 * N, copy_bw, "(backward alone, no dW: LoRA)")
     row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", both(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy)))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
     x32, w32 = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
@@ -162,12 +165,14 @@ def rms_bwd_configs(block):
 
 
 def time_rms_bwd(mod, block, config, x, w, dy, iters=20):
-    """GPU ms of the backward alone (both kernels) with BWD_CONFIG[block] = config, or the error
-    (a pipelined config's shared memory may not fit: Triton refuses it at launch)."""
+    """GPU ms of the backward alone (both kernels; with a frozen ``w``, the dX kernel alone) with
+    BWD_CONFIG[block] = config, or the error (a pipelined config's shared memory may not fit: Triton refuses it
+    at launch)."""
     mod.BWD_CONFIG[block] = config
     try:
         y = rms_norm(x, w, 1e-6)
-        fn = lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True)  # noqa: E731
+        wrt = (x, w) if w.requires_grad else (x,)
+        fn = lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)  # noqa: E731
         fn()  # compiles; a config that cannot launch raises here
         return sum(kernel_breakdown(fn, iters).values()), None
     except Exception as e:
@@ -181,25 +186,28 @@ def print_rms_bwd_kernels(mod, block, config, label, H, x, w, dy):
     mod.BWD_CONFIG[block] = config
     try:
         y = rms_norm(x, w, 1e-6)
-        kernels = kernel_breakdown(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True), 20)
+        wrt = (x, w) if w.requires_grad else (x,)
+        kernels = kernel_breakdown(lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True), 20)
     finally:
         mod.BWD_CONFIG.pop(block, None)
     for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
         print(f"tune rms bwd H={H} {label} {config} kernel {name[:60]}: {ms:.4f} ms", flush=True)
 
 
-def tune_rms(copy_bw, N, H):
+def tune_rms(copy_bw, N, H, frozen=False):
     """Sweep the backward's launch config (rows per tile, programs per SM, warps, pipeline stages, dW
     accumulator per row); print the 8 fastest, the default, and both one's kernels. Every line starts
-    with "tune rms bwd" (grep it out of a GPU call's log)."""
+    with "tune rms bwd" (grep it out of a GPU call's log). frozen: the weight does not require grad (LoRA
+    training), so the backward is the dX kernel alone; its lines say "frozen" after H."""
     import importlib
 
     mod = importlib.import_module("harness.kernels.rms_norm")  # the attribute of that name is the function
     x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
-    w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(True)
+    w = (torch.randn(H, device=DEV) * 0.1 + 1).to(DT).requires_grad_(not frozen)
     dy = torch.randn(N, H, device=DEV, dtype=DT)
     block = 1 << (H - 1).bit_length()
     default = mod._bwd_config(block)
+    H = f"{H} frozen" if frozen else H  # (only printed from here on)
     nbytes = 3 * N * H * 2 + 4 * N
 
     def line(label, config, t):
@@ -445,6 +453,7 @@ def main():
         for H in hiddens:
             if "rms" in only:
                 tune_rms(copy_bw, N, H)
+                tune_rms(copy_bw, N, H, frozen=True)
             if "rope" in only:
                 tune_rope(copy_bw, N, H)
         if args.tune_only:

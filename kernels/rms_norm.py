@@ -9,7 +9,8 @@ Gemma (``offset=True``), matching ``Gemma3RMSNorm``::
     y = ((x.float() * rsqrt(mean(x.float()**2) + eps)) * (1 + weight.float())).to(x.dtype)
 
 The backward returns dX and dW; dW is reduced per program in fp32 and the per-program partial rows
-are summed by a second small kernel that stores straight into the weight's dtype.
+are summed by a second small kernel that stores straight into the weight's dtype. When the weight does not
+require grad (LoRA training leaves the norms frozen) the backward computes dX alone: one kernel, no dW work.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _rms_bwd_kernel(
     BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
     DW_ROWS: tl.constexpr,
+    HAS_DW: tl.constexpr,
 ):
     # Each program owns ``blocks_per_program`` consecutive tiles of BLOCK_M rows: a [BLOCK_M, BLOCK]
     # tile per step keeps BLOCK_M rows of loads in flight (one row at a time was latency-bound:
@@ -73,6 +75,7 @@ def _rms_bwd_kernel(
     # PTX as ``range``, compared offline with triton 3.9 for sm_90a).
     # DW_ROWS keeps a [BLOCK_M, BLOCK] dW accumulator summed over rows once at the end; without
     # it the rows are summed every tile into a [BLOCK] accumulator, BLOCK_M times fewer registers.
+    # HAS_DW=False (a frozen weight, as in LoRA training): no dW work at all, dX only.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
@@ -82,7 +85,7 @@ def _rms_bwd_kernel(
     if DW_ROWS:
         dw_acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
     else:
-        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)  # (unused when not HAS_DW: the compiler drops it)
     first = pid * blocks_per_program * BLOCK_M
     for i in tl.range(0, blocks_per_program, num_stages=STAGES):
         rows = first + i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,22 +96,24 @@ def _rms_bwd_kernel(
         dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(RSTD + rows64, mask=rmask, other=0.0)
         h = x * rstd[:, None]
-        if OFFSET:
-            contrib = dy * h
-        else:
-            contrib = dy * h.to(X.dtype.element_ty).to(tl.float32)
-        if DW_ROWS:
-            dw_acc += contrib
-        else:
-            dw_acc += tl.sum(contrib, axis=0)
+        if HAS_DW:
+            if OFFSET:
+                contrib = dy * h
+            else:
+                contrib = dy * h.to(X.dtype.element_ty).to(tl.float32)
+            if DW_ROWS:
+                dw_acc += contrib
+            else:
+                dw_acc += tl.sum(contrib, axis=0)
         dh = dy * w[None, :]
         c = tl.sum(dh * h, axis=1) / n_cols
         dx = rstd[:, None] * (dh - h * c[:, None])
         tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-    if DW_ROWS:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
-    else:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=cmask)
+    if HAS_DW:
+        if DW_ROWS:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+        else:
+            tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=cmask)
 
 
 @jit
@@ -212,15 +217,20 @@ class RMSNormFunction(torch.autograd.Function):
         n_prog = max(1, min(n_blocks, num_sms(x2.device) * per_sm))
         blocks_per_program = triton.cdiv(n_blocks, n_prog)
         n_prog = triton.cdiv(n_blocks, blocks_per_program)
-        dw_partial = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
+        # a frozen weight (LoRA training: the norms are not adapted) gets no dW: no partials, no second kernel
+        has_dw = bool(ctx.needs_input_grad[1])
+        dw_partial = torch.empty((n_prog if has_dw else 1, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows > 0:
             _rms_bwd_kernel[(n_prog,)](
                 dy2, x2, w, rstd, dx, dw_partial,
                 dy2.stride(0), x2.stride(0), dx.stride(0),
                 n_rows, n_cols, blocks_per_program,
                 OFFSET=ctx.offset, BLOCK_M=block_m, BLOCK=block, STAGES=stages, DW_ROWS=bool(dw_rows),
-                num_warps=warps,
+                HAS_DW=has_dw, num_warps=warps,
             )
+        if not has_dw:
+            dw = None
+        elif n_rows > 0:
             dw = _sum_dw_partials(dw_partial, w.dtype)
         else:
             dw = torch.zeros_like(w)

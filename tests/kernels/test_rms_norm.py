@@ -35,6 +35,24 @@ def test_rms_norm_fp32(seed, cpu_interp, close, offset, shape, noncontig):
 
 
 @pytest.mark.parametrize("offset", [False, True])
+@pytest.mark.parametrize("n_rows", [1, 13, 600])
+def test_rms_norm_frozen_weight_backward_is_dx_alone(seed, cpu_interp, close, monkeypatch, offset, n_rows):
+    """LoRA training leaves the norm weights frozen: the backward must give the same dX, no dW, and never run
+    the dW row sum."""
+    calls = []
+    real = rms_mod._sum_dw_partials
+    monkeypatch.setattr(rms_mod, "_sum_dw_partials", lambda *a: calls.append(1) or real(*a))
+    x = _inputs((n_rows, 67), torch.float32, True).requires_grad_(True)
+    w = torch.randn(67) * 0.5 + (0.0 if offset else 1.0)  # frozen
+    dy = torch.randn(n_rows, 67)
+    (dx,) = torch.autograd.grad(RMSNormFunction.apply(x, w, 1e-6, offset), (x,), dy)
+    (dxr,) = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, offset), (x,), dy)
+    close(dx, dxr, 1e-5, 1e-5, "dx")
+    assert calls == []
+    assert w.grad is None
+
+
+@pytest.mark.parametrize("offset", [False, True])
 def test_rms_norm_fp16(seed, cpu_interp, close, offset):
     x = _inputs((2, 7, 67), torch.float16, True).requires_grad_(True)
     w = (torch.randn(67) * 0.5 + 1.0).half().requires_grad_(True)
@@ -150,3 +168,5 @@ def test_rms_norm_bf16_gpu(cuda, rel, hidden, offset):
     yr = rms_norm_reference(x32, w32, 1e-6, offset)
     dxr, dwr = torch.autograd.grad(yr, (x32, w32), dy.float())
     assert rel(y, yr) < 1e-2 and rel(dx, dxr) < 1e-2 and rel(dw, dwr) < 1e-2
+    (dx_frozen,) = torch.autograd.grad(rms_norm(x, w.detach(), 1e-6, offset), (x,), dy)  # the dX-only kernel
+    assert rel(dx_frozen, dxr) < 1e-2
