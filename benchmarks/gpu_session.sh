@@ -43,7 +43,7 @@ case "$part" in
       timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack "$s" --longest --memory-gib 80 \
         --tokens 16384 --max-tokens 131072 --granularity "${GRANULARITY:-2048}" > "/tmp/longest_$s.txt" 2>&1
       echo "$s exit $?"; grep -E " tokens: (fits|out of memory)|^\{" "/tmp/longest_$s.txt"  # probes so far, then the row
-    done | tee "$out/longest.txt" ;;
+    done | tee -a "$out/longest.txt" ;;  # (appends: one call may run it per stack, each with its own STACK_TIMEOUT)
   ab)  # harness16 A/B, one process per variant: AB holds ';'-separated bench argument lists ('' = as shipped),
     # run ROUNDS times interleaved; each prints its JSON row (STACK_TIMEOUT s each)
     IFS=';' read -ra variants <<< "${AB:-;--inductor combo_kernels=true}"
