@@ -7,7 +7,7 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh unsloth    # ~5 min: Unsloth vs loop + Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh profile    # ~1.5 min: harness16's step, by kernel family
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
-#   AB="; --lora-op" ROUNDS=2 bash benchmarks/gpu_session.sh ab    # harness16 variants, one process each (here: kernels.lora_op)
+#   AB="; --no-lora-op" ROUNDS=2 bash benchmarks/gpu_session.sh ab    # harness16 variants, one process each (here: kernels.lora_op off)
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
 # Everything it prints is also written under $OUT (or ./gpu_out), one file per part.

@@ -95,7 +95,7 @@ def build(a):
                    # the kernels config's default, unless --inductor combo_kernels=... chose
                    "combo_kernels": bool((getattr(a, "inductor", None) or {}).get("combo_kernels", True)),
                    "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false",
-                   "lora_op": bool(getattr(a, "lora_op", False))}
+                   "lora_op": bool(getattr(a, "lora_op", True))}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
             if not getattr(a, "no_host_prep", False):
                 from harness import host_prep
@@ -453,8 +453,8 @@ def _label(r):
     name = r["stack"] + (" via Trainer" if r.get("loop") == "trainer" else "")
     if r.get("inductor"):
         name += " (inductor " + ", ".join(f"{k}={v}" for k, v in r["inductor"].items()) + ")"
-    if r.get("lora_op"):
-        name += " (lora_op)"
+    if r.get("lora_op") is False:  # kernels.lora_op is the default: label the rows without it
+        name += " (no lora_op)"
     return name if m == "anchor" else f"{name} [{m}]"
 
 
@@ -585,8 +585,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
     harness_only = []  # the harness stacks' compiler and kernel settings: the peers compile their own way
     for key, value in (getattr(bench, "inductor", None) or {}).items():
         harness_only += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
-    if getattr(bench, "lora_op", False):
-        harness_only.append("--lora-op")
+    if not getattr(bench, "lora_op", True):
+        harness_only.append("--no-lora-op")
     common_of = {s: common + (harness_only if s.startswith("harness") else []) for s in bench.stacks}
     plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
@@ -646,8 +646,9 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="eager kernels, no regional torch.compile")
     ap.add_argument("--no-graphs", action="store_true", help="no per-layer CUDA graphs (harness stacks)")
     ap.add_argument("--no-tiled-mlp", action="store_true", help="harness stacks: the compiled MLP untiled")
-    ap.add_argument("--lora-op", action="store_true",
-                    help="harness stacks: LoRA sums in the harness::lora_mm op (kernels.lora_op; kernels/lora_op.py)")
+    ap.add_argument("--lora-op", action=argparse.BooleanOptionalAction, default=True,
+                    help="harness stacks: LoRA sums in the harness::lora_mm op (kernels.lora_op, the default; "
+                         "kernels/lora_op.py); --no-lora-op: traced addmm")
     ap.add_argument("--no-host-prep", action="store_true",
                     help="harness stacks: positions and vision segments computed in the forward (harness/host_prep.py)")
     ap.add_argument("--compile-mode", default="default",
@@ -685,8 +686,8 @@ def main():
             res = longest(a) if a.longest else run_trainer(a) if a.trainer else run(a)
             if a.inductor:
                 res["inductor"] = a.inductor
-            if a.lora_op:
-                res["lora_op"] = True
+            if a.stack.startswith("harness") and not a.lora_op:
+                res["lora_op"] = False
             print(json.dumps(res), flush=True)
         except Exception as e:
             import traceback

@@ -187,9 +187,9 @@ class KernelsConfig:
     combo_kernels: bool = True
     # compiled layers: each LoRA sum (base GEMM + rank-r GEMMs) inside one opaque op, harness::lora_mm
     # (kernels/lora_op.py), so the base GEMM adds in place; traced, Inductor copies the output before each
-    # addmm (1,108 copies, 12.75 ms of a 172 ms step in the 2026-12-05 H100 profile). Off until timed on a GPU:
-    # CPU-tested only (benchmarks: harness.bench --lora-op)
-    lora_op: bool = False
+    # addmm (1,108 copies, 12.75 ms of a 172 ms step in the 2026-12-05 H100 profile). On: +8.3% tokens/s on the
+    # anchor workload, same loss and peak (H100, 2026-12-06, docs/benchmarks.md); false: traced addmm
+    lora_op: bool = True
     # Qwen2-VL family: M-RoPE positions, vision segments and image-token slots computed by the collator on the
     # host, so the forward never waits on the GPU (harness/host_prep.py); on any device unless enabled=false
     host_prep: bool = True
@@ -225,7 +225,7 @@ class BenchConfig:
     memory_gib: float = 0.0  # cap each stack's GPU memory (e.g. 80 to compare a 141 GB card with an 80 GB one); 0: all
     trainer: bool = False  # also run the harness stacks through harness.train's SFTTrainer (a `harness` run's loop)
     inductor: dict = field(default_factory=dict)  # harness stacks: torch._inductor.config overrides, e.g. +bench.inductor.combo_kernels=true
-    lora_op: bool = False  # harness stacks: kernels.lora_op (LoRA sums in the harness::lora_mm op)
+    lora_op: bool = True  # harness stacks: kernels.lora_op (LoRA sums in the harness::lora_mm op); false for an A/B
 
 
 @dataclass

@@ -63,7 +63,7 @@ class KernelConfig:
 
     def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
                  compile=False, compile_backend="inductor", compile_mode="default", tiled_mlp=True,
-                 combo_kernels=True, lora_op=False):
+                 combo_kernels=True, lora_op=True):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
         self.compile, self.compile_backend, self.compile_mode = compile, compile_backend, compile_mode
@@ -431,7 +431,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
         # inside compiled layers the compiler fuses norms / rope / activations with their neighbours;
         # the hand-written kernels are for eager mode
         report.update(prepare_for_compile(model, want_lora, bool(_cfg_get(cfg, "tiled_mlp", True)),
-                                          lora_op=bool(_cfg_get(cfg, "lora_op", False))))
+                                          lora_op=bool(_cfg_get(cfg, "lora_op", True))))
         want_lora = want_rms = want_rope = want_act = False
 
     for name, m in model.named_modules():

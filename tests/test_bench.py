@@ -203,13 +203,14 @@ def _check_inductor_options(ic, set_inductor_options, _label):
         set_inductor_options(["combo_kernels"])
     assert _label({"stack": "harness16", "inductor": done}) == \
         "harness16 (inductor combo_kernels=True, max_autotune=False)"
-    assert _label({"stack": "harness16", "lora_op": True}) == "harness16 (lora_op)"
+    assert _label({"stack": "harness16", "lora_op": False}) == "harness16 (no lora_op)"
+    assert _label({"stack": "harness16", "lora_op": True}) == "harness16"
     assert set_inductor_options([]) == {}
 
 
 def test_bench_inductor_overrides_reach_the_harness_stacks_only(compose, monkeypatch, tmp_path):
     _, run = compose(["mode=bench", "bench.stacks=[unsloth16,harness16]", "bench.trainer=true",
-                      "+bench.inductor.combo_kernels=true", "bench.lora_op=true"])
+                      "+bench.inductor.combo_kernels=true", "bench.lora_op=false"])
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run_stacks", lambda plan, out, timeout_s=None: seen.setdefault("plan", plan) and [])
@@ -217,8 +218,8 @@ def test_bench_inductor_overrides_reach_the_harness_stacks_only(compose, monkeyp
     bench.bench_mode(run.bench, tmp_path)
     plan = {(s, "--trainer" in args): args for s, args in seen["plan"]}
     assert set(plan) == {("unsloth16", False), ("harness16", False), ("harness16", True)}
-    assert "--inductor" not in plan[("unsloth16", False)] and "--lora-op" not in plan[("unsloth16", False)]
+    assert "--inductor" not in plan[("unsloth16", False)] and "--no-lora-op" not in plan[("unsloth16", False)]
     for key in (("harness16", False), ("harness16", True)):
         args = plan[key]
         assert args[args.index("--inductor") + 1] == "combo_kernels=true"
-        assert "--lora-op" in args
+        assert "--no-lora-op" in args

@@ -106,10 +106,10 @@ def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
     import harness.kernels as hk
     from harness import pipeline
 
-    _, run = compose(["kernels.enabled=true", "kernels.lora_op=true", "kernels.combo_kernels=false",
+    _, run = compose(["kernels.enabled=true", "kernels.lora_op=false", "kernels.combo_kernels=false",
                       "kernels.tiled_mlp=false", "kernels.rope=false", "kernels.host_prep=false"])
     seen = {}
     monkeypatch.setattr(hk, "accelerate_model", lambda model, cfg: seen.update(cfg) or {})
     pipeline.accelerate(run, model=None)
-    assert seen["lora_op"] is True and seen["combo_kernels"] is False
+    assert seen["lora_op"] is False and seen["combo_kernels"] is False
     assert seen["tiled_mlp"] is False and seen["rope"] is False and seen["enabled"] is True

@@ -127,13 +127,15 @@ def _tiny_nf4_model(tmp_path):
     return model.train()
 
 
-def test_compiled_nf4_base_matches_eager(tmp_path, nf4_by_definition):
-    """nf4 base: the dequantisation runs as the registered op inside the compiled layers."""
+@pytest.mark.parametrize("lora_op", [True, False])
+def test_compiled_nf4_base_matches_eager(tmp_path, nf4_by_definition, lora_op):
+    """nf4 base: the dequantisation runs as the registered op inside the compiled layers (its output the
+    weight of harness::lora_mm, or of the traced addmm)."""
     torch._dynamo.reset()
     model = _tiny_nf4_model(tmp_path)
     inputs = dict(_inputs(5), use_cache=False)  # a KV cache differs per layer (eval / generation run eager)
     loss_ref, grads_ref = _loss_and_grads(model, inputs)
-    report = prepare_for_compile(model)
+    report = prepare_for_compile(model, lora_op=lora_op)
     assert len(report["lora_linear_nf4"]) == 2 * 5 + 3 and "lora_linear" not in report
     graphs = []
 
