@@ -247,14 +247,18 @@ def longest(a):
     model, accelerated, ckpt = build(a)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-4, fused=a.device == "cuda")
-    tried = {}
+    tried, peaks = {}, {}
 
     def fits(n):
         b = argparse.Namespace(**{**vars(a), "batch": 1, "tokens": n})
+        if a.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         try:
             _step(model, opt, step_inputs(b, model)())
             _sync(a.device)
             ok = True
+            if a.device == "cuda":
+                peaks[n] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         except torch.OutOfMemoryError:
             ok = False
         opt.zero_grad(set_to_none=True)
@@ -262,12 +266,14 @@ def longest(a):
         if a.device == "cuda":
             torch.cuda.empty_cache()
         tried[n] = ok
-        print(f"  {a.stack} {n} tokens: {'fits' if ok else 'out of memory'}", file=sys.stderr, flush=True)
+        peak = f" (peak {peaks[n]:.2f} GiB)" if n in peaks else ""
+        print(f"  {a.stack} {n} tokens: {'fits' if ok else 'out of memory'}{peak}", file=sys.stderr, flush=True)
         return ok
 
     best = longest_fitting(fits, a.tokens, a.max_tokens, a.granularity)
     return dict(stack=a.stack, model=a.model, gc=ckpt, longest_tokens=best, cap=a.max_tokens,
                 granularity=a.granularity, memory_gib=a.memory_gib or None, tried=dict(sorted(tried.items())),
+                peak_gib=peaks.get(best),  # the step's peak at the longest length (CUDA only)
                 gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu")
 
 
@@ -482,11 +488,12 @@ def table(rows):
                    f"{step} | {peak} | {load} | {mfu} | {r['loss_first']} -> {r['loss_last']} |")
     out += ratios(rows)
     if longest_rows:
-        out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | search cap | GPU memory |",
-                "|---|---|---|---|---|"]
+        out += ["", "| stack | checkpointing | longest sequence at batch 1 (tokens) | peak GiB there | search cap "
+                "| GPU memory |", "|---|---|---|---|---|---|"]
         for r in longest_rows:
             mem = f"capped at {r['memory_gib']:g} GiB" if r.get("memory_gib") else "whole GPU"
-            out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {r['cap']:,} | {mem} |")
+            peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+            out.append(f"| {_label(r)} | {r['gc']} | {r['longest_tokens']:,} | {peak} | {r['cap']:,} | {mem} |")
     return "\n".join(out)
 
 

@@ -49,8 +49,8 @@ def test_bench_loop_on_cpu(model, stack):
     assert row["stack"] == stack and row["model"] == model and row["tokens_per_s"] > 0
     assert row["trainable"] > 0 and math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
     md = bench.table([row, dict(stack="harness16", model=model, gc="standard", longest_tokens=4096, cap=8192,
-                                memory_gib=80.0)])
-    assert f"{stack} [{model}]" in md and "| 4,096 | 8,192 | capped at 80 GiB |" in md
+                                memory_gib=80.0, peak_gib=61.234)])
+    assert f"{stack} [{model}]" in md and "| 4,096 | 61.23 | 8,192 | capped at 80 GiB |" in md
 
 
 def test_peer_stacks_run_the_anchor_workload_only():
