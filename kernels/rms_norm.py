@@ -75,7 +75,8 @@ def _rms_bwd_kernel(
     # PTX as ``range``, compared offline with triton 3.9 for sm_90a).
     # DW_ROWS keeps a [BLOCK_M, BLOCK] dW accumulator summed over rows once at the end; without
     # it the rows are summed every tile into a [BLOCK] accumulator, BLOCK_M times fewer registers.
-    # HAS_DW=False (a frozen weight, as in LoRA training): no dW work at all, dX only.
+    # HAS_DW=False (a frozen weight, as in LoRA training): no dW work at all, dX only (the accumulator is then
+    # dead code, which the compiler drops).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
@@ -85,7 +86,7 @@ def _rms_bwd_kernel(
     if DW_ROWS:
         dw_acc = tl.zeros([BLOCK_M, BLOCK], dtype=tl.float32)
     else:
-        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)  # (unused when not HAS_DW: the compiler drops it)
+        dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid * blocks_per_program * BLOCK_M
     for i in tl.range(0, blocks_per_program, num_stages=STAGES):
         rows = first + i * BLOCK_M + tl.arange(0, BLOCK_M)
