@@ -135,10 +135,10 @@ def bench_rms(copy_bw, N, H):
     fb = both(lambda: torch.autograd.grad(rms_norm(x, w, 1e-6), (x, w), dy))
     row("rms_norm fwd+bwd", f"[{N},{H}]", fb, 5 * N * H * 2, copy_bw)
     # the backward alone, on a retained graph: reads dy, x, rstd, writes dx (+ the small dW partial sum)
-    b = both(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True))
+    b = both(rms_bwd(y, x, w, dy))
     row("rms_norm bwd", f"[{N},{H}]", b, 3 * N * H * 2 + 4 * N, copy_bw, "(backward alone, dW sum included)")
-    y_frozen = rms_norm(x, w.detach(), 1e-6)  # LoRA training: the norm weight is frozen, the backward is dX alone
-    bf = both(lambda: torch.autograd.grad(y_frozen, (x,), dy, retain_graph=True))
+    w_frozen = w.detach()  # LoRA training: the norm weight is frozen, the backward is dX alone
+    bf = both(rms_bwd(rms_norm(x, w_frozen, 1e-6), x, w_frozen, dy))
     row("rms_norm bwd frozen weight", f"[{N},{H}]", bf, 3 * N * H * 2 + 4 * N, copy_bw, "(backward alone, no dW: LoRA)")
     row("rms_norm fwd+bwd torch ref", f"[{N},{H}]", both(lambda: torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), dy)))
     dx, dw = torch.autograd.grad(y, (x, w), dy)
@@ -164,15 +164,20 @@ def rms_bwd_configs(block):
     return out
 
 
+def rms_bwd(y, x, w, dy):
+    """The backward of ``y = rms_norm(x, w)`` alone, on a retained graph: dX and dW, or dX alone for a frozen ``w``
+    (the dX kernel only)."""
+    wrt = (x, w) if w.requires_grad else (x,)
+    return lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)
+
+
 def time_rms_bwd(mod, block, config, x, w, dy, iters=20):
     """GPU ms of the backward alone (both kernels; with a frozen ``w``, the dX kernel alone) with
     BWD_CONFIG[block] = config, or the error (a pipelined config's shared memory may not fit: Triton refuses it
     at launch)."""
     mod.BWD_CONFIG[block] = config
     try:
-        y = rms_norm(x, w, 1e-6)
-        wrt = (x, w) if w.requires_grad else (x,)
-        fn = lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True)  # noqa: E731
+        fn = rms_bwd(rms_norm(x, w, 1e-6), x, w, dy)
         fn()  # compiles; a config that cannot launch raises here
         return sum(kernel_breakdown(fn, iters).values()), None
     except Exception as e:
@@ -185,9 +190,7 @@ def print_rms_bwd_kernels(mod, block, config, label, H, x, w, dy):
     """Per-kernel GPU ms of the backward under config: how much the dW row sum costs beside the main kernel."""
     mod.BWD_CONFIG[block] = config
     try:
-        y = rms_norm(x, w, 1e-6)
-        wrt = (x, w) if w.requires_grad else (x,)
-        kernels = kernel_breakdown(lambda: torch.autograd.grad(y, wrt, dy, retain_graph=True), 20)
+        kernels = kernel_breakdown(rms_bwd(rms_norm(x, w, 1e-6), x, w, dy), 20)
     finally:
         mod.BWD_CONFIG.pop(block, None)
     for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
