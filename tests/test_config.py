@@ -113,3 +113,7 @@ def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
     pipeline.accelerate(run, model=None)
     assert seen["lora_op"] is False and seen["combo_kernels"] is False
     assert seen["tiled_mlp"] is False and seen["rope"] is False and seen["enabled"] is True
+    _, run = compose(["kernels.enabled=true", "kernels.host_prep=false"])  # kernels.lora_op left at its default: on
+    seen.clear()
+    pipeline.accelerate(run, model=None)
+    assert seen["lora_op"] is True and run.bench.lora_op is True
