@@ -37,6 +37,7 @@ from harness.kernels import (  # the installed project (pip install -e .)
     rms_norm,
     rms_norm_reference,
 )
+from harness.kernels.lora_gemm import base_gemm, base_gemm_dx, lora_gemm  # noqa: E402
 import triton  # noqa: E402
 
 ROWS: list[dict] = []
@@ -357,8 +358,20 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
         peft_fn = lambda: (F.linear(x, W) + F.linear(F.linear(x.float(), A), B) * s).to(DT)  # noqa: E731
     peft = bench(grad_fn(peft_fn, (x, A, B), dy))
     row("lora PEFT-style unfused fwd+bwd", shape, peft, note=f"overhead vs base {100 * (peft / base - 1):+.1f}%")
+    # the LoRA linear as our own Triton GEMMs (kernels/lora_gemm.py), beside the same GEMMs without LoRA
+    gemm_b = both(grad_fn(lambda: lora_gemm(x, W, None, A, B, s), (x, A, B), dy))
+    tbase_b = both(lambda: (base_gemm(x, W), base_gemm_dx(dy, W)))
+    gk = f"; kernel time: {100 * (gemm_b[1] / base_b[1] - 1):+.1f}%" if (gemm_b[1] and base_b[1]) else ""
+    row("lora_gemm (Triton GEMM) fwd+bwd", shape, gemm_b, note=f"overhead vs cuBLAS base {100 * (gemm_b[0] / base - 1):+.1f}%{gk}")
+    tk = f"; kernel time: {100 * (tbase_b[1] / base_b[1] - 1):+.1f}%" if (tbase_b[1] and base_b[1]) else ""
+    row("  Triton base GEMM fwd+dX (no LoRA)", shape, tbase_b, note=f"vs cuBLAS base {100 * (tbase_b[0] / base - 1):+.1f}%{tk}")
+    yg = lora_gemm(x, W, None, A, B, s)
+    gx, gA, gB = torch.autograd.grad(yg, (x, A, B), dy)
+    fwd_gemm = bench(lambda: lora_gemm(x, W, None, A, B, s))
     fwd_base = bench(lambda: F.linear(x, W))
     fwd_fused = bench(lambda: lora_linear(x, W, None, A, B, s))
+    row("  fwd only: lora_gemm", shape, fwd_gemm, note=f"cuBLAS base {fwd_base:.4f} ms ({100 * (fwd_gemm / fwd_base - 1):+.1f}%); "
+        f"Triton base {bench(lambda: base_gemm(x, W)):.4f} ms")
     bwd_only = bench(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy)) - fwd_fused
     print(f"    bwd-only fused {bwd_only:.4f} ms vs base {base - fwd_base:.4f} ms")
     row("  fwd only: base / fused", shape, fwd_fused, note=f"base {fwd_base:.4f} ms ({100 * (fwd_fused / fwd_base - 1):+.1f}%)")
@@ -368,6 +381,7 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     yr = lora_linear_reference(x32, W.float(), None, A32, B32, s)
     dxr, dAr, dBr = torch.autograd.grad(yr, (x32, A32, B32), dy.float())
     check(f"lora y/dx/dA/dB {shape}", max(rel(y, yr), rel(dx, dxr), rel(dA, dAr), rel(dB, dBr)), 2e-2)
+    check(f"lora_gemm y/dx/dA/dB {shape}", max(rel(yg, yr), rel(gx, dxr), rel(gA, dAr), rel(gB, dBr)), 2e-2)
     if nf4 is not None:
         packed, qs = nf4
         fused4 = bench(grad_fn(lambda: lora_linear(x, None, None, A, B, s, nf4=(packed, qs)), (x, A, B), dy))

@@ -1,0 +1,338 @@
+"""LoRA linear ``y = x W^T (+ b) + s (x A^T) B^T`` as one Triton GEMM per direction, the rank-r work riding on
+the base GEMM's tiles (W frozen, 16-bit).
+
+Why: beside a cuBLAS base GEMM the rank-r products are separate kernels, and each makes a full pass over an
+``[M, K]`` activation (x for ``xa`` and ``dA``, dy for ``g`` and ``dB``). At square shapes those passes cost as
+much as a sizeable fraction of the GEMM itself (docs/kernels.md: +82% at 1536^2 with six rank-16 kernels, and a
+floor of three passes, +10-17%, even with every product folded into a cuBLAS epilogue). Here the base GEMM is
+ours, so the rank-r products read the tiles it already loads:
+
+Forward, one kernel. Program ``(m, n)`` computes the tile ``y[m, n]``::
+
+    for each k-block:  acc += x[m,k] W[n,k]^T ;  acc_xa += x[m,k] A[:,k]^T      # same x tile, in SMEM
+    acc += (s acc_xa) B[n,:]^T  (+ b[n]);  y[m, n] = acc                         # epilogue, one rounding
+    programs with n == 0 store xa[m] (for dB)
+
+  Every n-column of programs recomputes ``xa[m]``: r / BLOCK_N more tensor-core work (6-12% of the GEMM's MMA
+  for r=16) instead of a pass over x through HBM.
+
+Backward, one kernel. Program ``(m, k)`` computes the tile ``dx[m, k]``::
+
+    for each n-block:  acc += dy[m,n] W[n,k] ;  acc_g += dy[m,n] B[n,:]
+    gs = s acc_g;  acc += gs A[:,k];  dx[m, k] = acc
+    dA[:, k] += gs^T x[m, k]               # one x tile per program: x is read once in all, fp32 atomics
+    dB[j, :] += dy[m, j]^T xa[m]           # for the n-blocks j = k, k + #k-blocks, ...: dy from L2, atomics
+
+dA and dB are sums over the token blocks, accumulated with fp32 atomics (run-to-run order differences at the
+1e-7 level, like :func:`harness.kernels.lora_linear._skinny_tn`); ``s`` of dB is applied to the ``[N, r]`` sum.
+
+Ranks that are not a power of two >= 16 are zero-padded to the next one (``tl.dot`` needs 16). The reference is
+:func:`harness.kernels.lora_linear.lora_linear_reference`; on CPU (without ``TRITON_INTERPRET=1``) and for
+nf4 weights :func:`harness.kernels.lora_linear.lora_linear` runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton_utils import HAS_TRITON, jit, next_pow2, tl, triton, use_triton
+from .lora_linear import _compute_dtype, _skinny_tn, lora_linear, lora_linear_reference
+
+__all__ = ["lora_gemm", "lora_gemm_reference", "LoRAGemmFunction", "base_gemm"]
+
+lora_gemm_reference = lora_linear_reference
+
+
+@jit
+def _mma(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@jit
+def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row-blocks share their column sweep, so W tiles are reused from L2
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % rows, (pid % width) // rows
+
+
+@jit
+def _lora_fwd_kernel(
+    X, W, A, B, BIAS, Y, XA,
+    M, N, K, scale,
+    sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn, sxam, M_BUCKET,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # wrapped row/column indices: edge tiles load valid memory without masks; the store is masked
+    om = (rm % M).to(tl.int64)
+    on = (rn % N).to(tl.int64)
+    ok = tl.arange(0, BLOCK_K)
+    orr = tl.arange(0, BLOCK_R)
+    x_ptrs = X + om[:, None] * sxm + ok[None, :] * sxk
+    w_ptrs = W + ok[:, None] * swk + on[None, :] * swn  # [BLOCK_K, BLOCK_N] view of W^T
+    a_ptrs = A + ok[:, None] * sak + orr[None, :] * sar  # [BLOCK_K, BLOCK_R] view of A^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = ok < K - kb * BLOCK_K
+            x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+        acc = _mma(x, w, acc, IEEE)
+        if HAS_LORA:
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=kmask[:, None], other=0.0)
+            acc_xa = _mma(x, a, acc_xa, IEEE)
+            a_ptrs += BLOCK_K * sak
+        x_ptrs += BLOCK_K * sxk
+        w_ptrs += BLOCK_K * swk
+    mmask = rm < M
+    if HAS_LORA:
+        if STORE_XA:
+            if pid_n == 0:
+                tl.store(XA + rm[:, None].to(tl.int64) * sxam + orr[None, :], acc_xa.to(XA.dtype.element_ty),
+                         mask=mmask[:, None])
+        bt = tl.load(B + on[None, :] * sbn + orr[:, None] * sbr)  # [BLOCK_R, BLOCK_N] view of B^T
+        acc = _mma((acc_xa * scale).to(bt.dtype), bt, acc, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + on).to(tl.float32)[None, :]
+    y_ptrs = Y + rm[:, None].to(tl.int64) * sym + rn[None, :] * syn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mmask[:, None] & (rn < N)[None, :])
+
+
+@jit
+def _lora_bwd_kernel(
+    DY, W, A, B, X, XA, DX, DA, DB,
+    M, N, K, scale,
+    sdm, sdn, swn, swk, sar, sak, sbn, sbr, sxm, sxk, sxam, sxm_out, sxk_out, M_BUCKET,
+    HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, EVEN_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+):
+    # dx [M, K] = dy [M, N] @ W [N, K] (+ s (dy B) A): output tiles BLOCK_M x BLOCK_K, reduction over N
+    num_k = tl.cdiv(K, BLOCK_K)
+    pid_m, pid_k = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_k, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    om = (rm % M).to(tl.int64)
+    okk = (rk % K).to(tl.int64)
+    on = tl.arange(0, BLOCK_N)
+    orr = tl.arange(0, BLOCK_R)
+    dy_ptrs = DY + om[:, None] * sdm + on[None, :] * sdn
+    w_ptrs = W + on[:, None].to(tl.int64) * swn + okk[None, :] * swk
+    b_ptrs = B + on[:, None] * sbn + orr[None, :] * sbr
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for nb in range(0, tl.cdiv(N, BLOCK_N)):
+        if EVEN_N:
+            dy = tl.load(dy_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            nmask = on < N - nb * BLOCK_N
+            dy = tl.load(dy_ptrs, mask=nmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
+        acc = _mma(dy, w, acc, IEEE)
+        if HAS_LORA:
+            if EVEN_N:
+                b = tl.load(b_ptrs)
+            else:
+                b = tl.load(b_ptrs, mask=nmask[:, None], other=0.0)
+            acc_g = _mma(dy, b, acc_g, IEEE)
+            b_ptrs += BLOCK_N * sbn
+        dy_ptrs += BLOCK_N * sdn
+        w_ptrs += BLOCK_N * swn
+    mmask = rm < M
+    kmask = rk < K
+    if HAS_LORA:
+        # rows past M (wrapped loads) must not reach the dA / dB sums
+        gs = tl.where(mmask[:, None], acc_g * scale, 0.0).to(DX.dtype.element_ty)
+        a = tl.load(A + orr[:, None] * sar + okk[None, :] * sak)  # [BLOCK_R, BLOCK_K]
+        acc = _mma(gs, a, acc, IEEE)
+    tl.store(DX + rm[:, None].to(tl.int64) * sxm_out + rk[None, :] * sxk_out, acc.to(DX.dtype.element_ty),
+             mask=mmask[:, None] & kmask[None, :])
+    if HAS_LORA:
+        if NEED_DA:
+            x = tl.load(X + om[:, None] * sxm + okk[None, :] * sxk)
+            da = _mma(tl.trans(gs), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), IEEE)
+            tl.atomic_add(DA + orr[:, None] * K + rk[None, :], da, mask=kmask[None, :])
+        if NEED_DB:
+            xa = tl.load(XA + om[:, None] * sxam + orr[None, :], mask=mmask[:, None], other=0.0)
+            num_n = tl.cdiv(N, BLOCK_N)
+            for j in range(pid_k, num_n, num_k):
+                rn = j * BLOCK_N + on
+                nmask2 = rn < N
+                dy = tl.load(DY + om[:, None] * sdm + rn[None, :] * sdn, mask=nmask2[None, :], other=0.0)
+                db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), IEEE)
+                tl.atomic_add(DB + rn[:, None] * BLOCK_R + orr[None, :], db, mask=nmask2[:, None])
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+
+# Hopper/Ampere bf16 GEMM launch shapes: (output tile rows, output tile cols, reduction step, stages, warps).
+# The forward's output tile is BLOCK_M x BLOCK_N with reduction step BLOCK_K; the backward's output tile is
+# BLOCK_M x BLOCK_K (dx has K columns) with reduction step BLOCK_N.
+_GEMM_SHAPES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8),
+                (256, 128, 64, 3, 8), (64, 256, 64, 4, 4)]
+_INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}  # small: odd shapes span several tiles
+
+
+def _configs(out_cols: str, red: str):
+    return [triton.Config({"BLOCK_M": bm, out_cols: bn, red: bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
+            for bm, bn, bk, st, wp in _GEMM_SHAPES]
+
+
+# keyed on the shape, with M bucketed to a power of two (token counts vary from batch to batch), and on whether
+# the LoRA parts are compiled in (the plain GEMM of base_gemm is tuned on its own)
+_TUNE_KEY = ["N", "K", "M_BUCKET", "HAS_LORA"]
+
+if HAS_TRITON:
+    _fwd_tuned = triton.autotune(_configs("BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_lora_fwd_kernel)
+    _bwd_tuned = triton.autotune(_configs("BLOCK_K", "BLOCK_N"), key=_TUNE_KEY,
+                                 reset_to_zero=["DA", "DB"])(_lora_bwd_kernel)  # each timing run sums afresh
+
+
+def _launch(kernel, tuned, grid_fn, args, meta, M, device, sums=None):
+    if device.type == "cuda":
+        tuned_before = len(tuned.cache)
+        tuned[lambda m: (grid_fn(m),)](*args, next_pow2(M), **meta)
+        if sums is not None and len(tuned.cache) > tuned_before:
+            # this call tuned a new shape: the timing runs added into the atomic sums too (whether the autotuner
+            # re-zeroes them before its final run differs between Triton versions), so run it once more, clean
+            sums.zero_()
+            tuned[lambda m: (grid_fn(m),)](*args, next_pow2(M), **meta)
+    else:
+        kernel[(grid_fn(_INTERP),)](*args, next_pow2(M), **_INTERP, **meta, num_warps=4, num_stages=1)
+
+
+def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True):
+    M, K = x2.shape
+    N = W.shape[0]
+    R = A.shape[0]
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    xa = torch.empty((M, R), dtype=x2.dtype, device=x2.device) if (has_lora and store_xa) else y
+    _launch(
+        _lora_fwd_kernel, _fwd_tuned if x2.is_cuda else None,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
+        (x2, W, A, B, bias if bias is not None else y, y, xa, M, N, K, float(scale),
+         x2.stride(0), x2.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
+         y.stride(0), y.stride(1), xa.stride(0)),
+        dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_XA=has_lora and store_xa,
+             EVEN_K=K % 128 == 0, BLOCK_R=R, IEEE=x2.dtype == torch.float32),
+        M, x2.device,
+    )
+    return y, xa
+
+
+def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True):
+    M, N = dy2.shape
+    K = W.shape[1]
+    R = A.shape[0]
+    dx = torch.empty((M, K), dtype=dy2.dtype, device=dy2.device)
+    if has_lora:  # one zeroed fp32 buffer for both atomic sums
+        sums = torch.zeros(R * K + N * R, dtype=torch.float32, device=dy2.device)
+        dA, dB = sums[: R * K].view(R, K), sums[R * K:].view(N, R)
+    else:
+        dA = dB = dx
+    _launch(
+        _lora_bwd_kernel, _bwd_tuned if dy2.is_cuda else None,
+        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),
+        (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale),
+         dy2.stride(0), dy2.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0),
+         B.stride(1), x2.stride(0), x2.stride(1), xa.stride(0), dx.stride(0), dx.stride(1)),
+        dict(HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db, EVEN_N=N % 128 == 0, BLOCK_R=R,
+             IEEE=dy2.dtype == torch.float32),
+        M, dy2.device, sums=sums if has_lora else None,
+    )
+    return dx, dA, dB
+
+
+def base_gemm(x2: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` by the same Triton GEMM with the LoRA parts compiled out (benchmarks: the GEMM's own speed)."""
+    return _fwd(x2, W, W[:16], W[:, :16], None, 1.0, has_lora=False)[0]
+
+
+def base_gemm_dx(dy2: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """``dy @ W`` by the backward kernel with the LoRA parts compiled out."""
+    return _bwd(dy2, dy2, W, W[:16], W[:, :16], dy2, 1.0, False, False, has_lora=False)[0]
+
+
+def _padded(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous, zero-padded along ``dim`` to ``size`` (a no-op in the usual r=16 case)."""
+    t = t.to(dtype).contiguous()
+    if t.shape[dim] == size:
+        return t
+    pad = list(t.shape)
+    pad[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(pad)], dim)
+
+
+class LoRAGemmFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scale):
+        cdt = _compute_dtype(x)
+        K = x.shape[-1]
+        r = lora_A.shape[0]
+        R = max(16, next_pow2(r))
+        x2 = x.reshape(-1, K)
+        x2 = x2 if x2.dtype == cdt else x2.to(cdt)
+        W = weight if weight.dtype == cdt else weight.to(cdt)
+        A, B = _padded(lora_A, 0, R, cdt), _padded(lora_B, 1, R, cdt)
+        b = None if bias is None else bias.to(cdt)
+        y, xa = _fwd(x2, W, A, B, b, scale)
+        ctx.save_for_backward(x2, xa, weight, A, B, bias)
+        ctx.scale, ctx.r, ctx.cdt = scale, r, cdt
+        ctx.in_shape, ctx.x_dtype, ctx.ab_dtypes = x.shape, x.dtype, (lora_A.dtype, lora_B.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, xa, weight, A, B, bias = ctx.saved_tensors
+        s, r, cdt = ctx.scale, ctx.r, ctx.cdt
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = dy2 if dy2.dtype == cdt else dy2.to(cdt)
+        dx = dw = db = dA = dB = None
+        if need_x:
+            W = weight if weight.dtype == cdt else weight.to(cdt)
+            dx, dA_sum, dB_sum = _bwd(dy2, x2, W, A, B, xa, s, need_a, need_bb)
+            dx = dx.view(ctx.in_shape)
+            if dx.dtype != ctx.x_dtype:
+                dx = dx.to(ctx.x_dtype)
+            if need_a:
+                dA = dA_sum[:r].to(ctx.ab_dtypes[0])
+            if need_bb:
+                dB = (dB_sum[:, :r] * s).to(ctx.ab_dtypes[1])
+        else:  # no dx GEMM to ride on: the rank-r products alone
+            if need_a:
+                g = torch.mm(dy2, B)
+                dA = _skinny_tn(g, x2, s, ctx.ab_dtypes[0])[:r]
+            if need_bb:
+                dB = _skinny_tn(xa, dy2, s, ctx.ab_dtypes[1]).t()[:, :r].contiguous()
+        if need_w:
+            dw = torch.mm(dy2.t(), x2).to(weight.dtype)
+        if need_b and bias is not None:
+            db = dy2.sum(0).to(bias.dtype)
+        return dx, dw, db, dA, dB, None
+
+
+def lora_gemm(x, weight, bias, lora_A, lora_B, scale: float):
+    """LoRA linear by the fused Triton GEMMs (see module docstring); same arguments as
+    :func:`harness.kernels.lora_linear.lora_linear` without ``nf4``. Falls back to it where Triton cannot run
+    (CPU without the interpreter) or the weight is not a plain 16-bit/fp32 tensor."""
+    if weight is None or not use_triton(x, weight, lora_A, lora_B) or weight.dtype not in (
+            torch.float16, torch.bfloat16, torch.float32):
+        return lora_linear(x, weight, bias, lora_A, lora_B, scale)
+    return LoRAGemmFunction.apply(x, weight, bias, lora_A, lora_B, float(scale))
