@@ -179,6 +179,97 @@ def _lora_bwd_kernel(
                 tl.atomic_add(DB + rn[:, None] * BLOCK_R + orr[None, :], db, mask=nmask2[:, None])
 
 
+# --------------------------------------------------------------------- TMA (Hopper+) persistent variants
+# Same math, tiles moved by the tensor-memory accelerator (tensor descriptors): no address arithmetic in the
+# loop, out-of-bounds rows/columns read as zeros and are clipped on store (so no masks and no row wrapping),
+# one program per SM walking the tiles. Needs 16-byte aligned row strides (K, N multiples of 8 in 16-bit).
+
+@jit
+def _lora_fwd_tma_kernel(
+    X, W, A, B, BIAS, Y, XA, M, N, K, scale, M_BUCKET,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
+):
+    xd = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    wd = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    yd = tl.make_tensor_descriptor(Y, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    ad = tl.make_tensor_descriptor(A, shape=[BLOCK_R, K], strides=[K, 1], block_shape=[BLOCK_R, BLOCK_K])
+    bd = tl.make_tensor_descriptor(B, shape=[N, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_N, BLOCK_R])
+    xad = tl.make_tensor_descriptor(XA, shape=[M, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_M, BLOCK_R])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            x = xd.load([m0, kb * BLOCK_K])
+            acc = _mma(x, wd.load([n0, kb * BLOCK_K]).T, acc, IEEE)
+            if HAS_LORA:
+                acc_xa = _mma(x, ad.load([0, kb * BLOCK_K]).T, acc_xa, IEEE)
+        if HAS_LORA:
+            xa = acc_xa.to(Y.dtype.element_ty)
+            if STORE_XA:
+                if pid_n == 0:
+                    xad.store([m0, 0], xa)
+            acc = _mma((acc_xa * scale).to(Y.dtype.element_ty), bd.load([n0, 0]).T, acc, IEEE)
+        if HAS_BIAS:
+            rn = n0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        yd.store([m0, n0], acc.to(Y.dtype.element_ty))
+
+
+@jit
+def _lora_bwd_tma_kernel(
+    DY, W, A, B, X, XA, DX, DA, DB, M, N, K, scale, M_BUCKET,
+    HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
+):
+    dyd = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    wd = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    dxd = tl.make_tensor_descriptor(DX, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    bd = tl.make_tensor_descriptor(B, shape=[N, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_N, BLOCK_R])
+    ad = tl.make_tensor_descriptor(A, shape=[BLOCK_R, K], strides=[K, 1], block_shape=[BLOCK_R, BLOCK_K])
+    xd = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    xad = tl.make_tensor_descriptor(XA, shape=[M, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_M, BLOCK_R])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = tl.cdiv(K, BLOCK_K)
+    num_n = tl.cdiv(N, BLOCK_N)
+    orr = tl.arange(0, BLOCK_R)
+    for tile in tl.range(tl.program_id(0), num_m * num_k, NUM_PROGS, flatten=FLATTEN):
+        pid_m, pid_k = _tile(tile, num_m, num_k, GROUP_M)
+        m0 = pid_m * BLOCK_M
+        k0 = pid_k * BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for nb in range(0, num_n):
+            dy = dyd.load([m0, nb * BLOCK_N])
+            acc = _mma(dy, wd.load([nb * BLOCK_N, k0]), acc, IEEE)
+            if HAS_LORA:
+                acc_g = _mma(dy, bd.load([nb * BLOCK_N, 0]), acc_g, IEEE)
+        if HAS_LORA:
+            # rows past M were loaded as zeros, so their g is 0 and they add nothing to dA / dB
+            gs = (acc_g * scale).to(DX.dtype.element_ty)
+            acc = _mma(gs, ad.load([0, k0]), acc, IEEE)
+        dxd.store([m0, k0], acc.to(DX.dtype.element_ty))
+        if HAS_LORA:
+            if NEED_DA:
+                rk = k0 + tl.arange(0, BLOCK_K)
+                da = _mma(gs.T, xd.load([m0, k0]), tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), IEEE)
+                tl.atomic_add(DA + orr[:, None] * K + rk[None, :], da, mask=(rk < K)[None, :])
+            if NEED_DB:
+                xa = xad.load([m0, 0])
+                for j in range(pid_k, num_n, num_k):
+                    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+                    db = _mma(dyd.load([m0, j * BLOCK_N]).T, xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                              IEEE)
+                    tl.atomic_add(DB + rn[:, None] * BLOCK_R + orr[None, :], db, mask=(rn < N)[:, None])
+
+
 # ---------------------------------------------------------------------------------------------- launch configs
 
 # Hopper/Ampere bf16 GEMM launch shapes: (output tile rows, output tile cols, reduction step, stages, warps).
