@@ -63,7 +63,7 @@ def fwd_tma_launch(x, W, A, B, y, xa, cfg, has_lora, store_xa, flatten=True):
     n = _progs(triton.cdiv(M, bm) * triton.cdiv(N, bn))
     return lambda: lg._lora_fwd_tma_kernel[(n,)](
         x, W, A, B, y, y, xa, M, N, K, 2.0, 8192, HAS_LORA=has_lora, HAS_BIAS=False, STORE_XA=store_xa,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=8, NUM_PROGS=n, FLATTEN=flatten, IEEE=False,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=16, GROUP_M=8, FLATTEN=flatten, IEEE=False,
         num_warps=wp, num_stages=st)
 
 
@@ -75,7 +75,7 @@ def bwd_tma_launch(dy, x, W, A, B, xa, dx, sums, cfg, has_lora, need_da, need_db
     n = _progs(triton.cdiv(M, bm) * triton.cdiv(K, bk))
     return lambda: lg._lora_bwd_tma_kernel[(n,)](
         dy, W, A, B, x, xa, dx, dA, dB, M, N, K, 2.0, 8192, HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db,
-        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=16, GROUP_M=8, NUM_PROGS=n, FLATTEN=flatten, IEEE=False,
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, BLOCK_R=16, GROUP_M=8, FLATTEN=flatten, IEEE=False,
         num_warps=wp, num_stages=st)
 
 

@@ -189,7 +189,7 @@ def _lora_fwd_tma_kernel(
     X, W, A, B, BIAS, Y, XA, M, N, K, scale, M_BUCKET,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
 ):
     xd = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     wd = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
@@ -199,7 +199,7 @@ def _lora_fwd_tma_kernel(
     xad = tl.make_tensor_descriptor(XA, shape=[M, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_M, BLOCK_R])
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_n = _tile(tile, num_m, num_n, GROUP_M)
         m0 = pid_m * BLOCK_M
         n0 = pid_n * BLOCK_N
@@ -227,7 +227,7 @@ def _lora_bwd_tma_kernel(
     DY, W, A, B, X, XA, DX, DA, DB, M, N, K, scale, M_BUCKET,
     HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, NUM_PROGS: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
+    GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
 ):
     dyd = tl.make_tensor_descriptor(DY, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     wd = tl.make_tensor_descriptor(W, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
@@ -240,7 +240,7 @@ def _lora_bwd_tma_kernel(
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
     orr = tl.arange(0, BLOCK_R)
-    for tile in tl.range(tl.program_id(0), num_m * num_k, NUM_PROGS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_m * num_k, tl.num_programs(0), flatten=FLATTEN):
         pid_m, pid_k = _tile(tile, num_m, num_k, GROUP_M)
         m0 = pid_m * BLOCK_M
         k0 = pid_k * BLOCK_K
@@ -276,13 +276,14 @@ def _lora_bwd_tma_kernel(
 # The forward's output tile is BLOCK_M x BLOCK_N with reduction step BLOCK_K; the backward's output tile is
 # BLOCK_M x BLOCK_K (dx has K columns) with reduction step BLOCK_N.
 _GEMM_SHAPES = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4), (128, 128, 64, 4, 8),
-                (256, 128, 64, 3, 8), (64, 256, 64, 4, 4)]
+                (256, 128, 64, 3, 8), (128, 128, 128, 3, 8)]
 _INTERP = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}  # small: odd shapes span several tiles
+_INTERP_PROGS = 3  # persistent kernels in the interpreter: fewer programs than tiles, so each walks several
 
 
-def _configs(out_cols: str, red: str):
-    return [triton.Config({"BLOCK_M": bm, out_cols: bn, red: bk, "GROUP_M": 8}, num_stages=st, num_warps=wp)
-            for bm, bn, bk, st, wp in _GEMM_SHAPES]
+def _configs(out_cols: str, red: str, **extra):
+    return [triton.Config({"BLOCK_M": bm, out_cols: bn, red: bk, "GROUP_M": 8, **extra}, num_stages=st,
+                          num_warps=wp) for bm, bn, bk, st, wp in _GEMM_SHAPES]
 
 
 # keyed on the shape, with M bucketed to a power of two (token counts vary from batch to batch), and on whether
@@ -290,44 +291,81 @@ def _configs(out_cols: str, red: str):
 _TUNE_KEY = ["N", "K", "M_BUCKET", "HAS_LORA"]
 
 if HAS_TRITON:
-    _fwd_tuned = triton.autotune(_configs("BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_lora_fwd_kernel)
-    _bwd_tuned = triton.autotune(_configs("BLOCK_K", "BLOCK_N"), key=_TUNE_KEY,
-                                 reset_to_zero=["DA", "DB"])(_lora_bwd_kernel)  # each timing run sums afresh
+    _TUNED = {
+        (_lora_fwd_kernel, False): triton.autotune(_configs("BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_lora_fwd_kernel),
+        (_lora_bwd_kernel, False): triton.autotune(_configs("BLOCK_K", "BLOCK_N"), key=_TUNE_KEY,
+                                                   reset_to_zero=["DA", "DB"])(_lora_bwd_kernel),
+        (_lora_fwd_tma_kernel, True): triton.autotune(_configs("BLOCK_N", "BLOCK_K", FLATTEN=True),
+                                                      key=_TUNE_KEY)(_lora_fwd_tma_kernel),
+        (_lora_bwd_tma_kernel, True): triton.autotune(_configs("BLOCK_K", "BLOCK_N", FLATTEN=True), key=_TUNE_KEY,
+                                                      reset_to_zero=["DA", "DB"])(_lora_bwd_tma_kernel),
+    }  # reset_to_zero: each timing run sums afresh
+
+_ALLOCATOR_SET = False
 
 
-def _launch(kernel, tuned, grid_fn, args, meta, M, device, sums=None):
+def _tma_ready(device: torch.device) -> None:
+    """Device-side tensor descriptors need a scratch allocation per launch; Triton asks a process-wide
+    allocator for it (set once, from torch's caching allocator, so it is CUDA-graph safe)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+        _ALLOCATOR_SET = True
+
+
+def _tma_eligible(*ts: torch.Tensor) -> bool:
+    """TMA path: Hopper or newer, contiguous operands, 16-byte aligned rows and bases."""
+    if not ts[0].is_cuda or torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        return False
+    return all(t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in ts)
+
+
+def _launch(kernel, tma, tiles, args, meta, M, device, sums=None):
+    """Run ``kernel`` (autotuned on CUDA, fixed small tiles in the interpreter). ``tiles(meta)``: the number of
+    output tiles; a TMA kernel is persistent (at most one program per SM)."""
+    if tma:
+        _tma_ready(device)
     if device.type == "cuda":
+        tuned = _TUNED[(kernel, tma)]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        grid = (lambda m: (min(sms, tiles(m)),)) if tma else (lambda m: (tiles(m),))
         tuned_before = len(tuned.cache)
-        tuned[lambda m: (grid_fn(m),)](*args, next_pow2(M), **meta)
+        tuned[grid](*args, next_pow2(M), **meta)
         if sums is not None and len(tuned.cache) > tuned_before:
             # this call tuned a new shape: the timing runs added into the atomic sums too (whether the autotuner
             # re-zeroes them before its final run differs between Triton versions), so run it once more, clean
             sums.zero_()
-            tuned[lambda m: (grid_fn(m),)](*args, next_pow2(M), **meta)
+            tuned[grid](*args, next_pow2(M), **meta)
     else:
-        kernel[(grid_fn(_INTERP),)](*args, next_pow2(M), **_INTERP, **meta, num_warps=4, num_stages=1)
+        extra = {"FLATTEN": True} if tma else {}
+        n = min(_INTERP_PROGS, tiles(_INTERP)) if tma else tiles(_INTERP)
+        kernel[(n,)](*args, next_pow2(M), **_INTERP, **extra, **meta, num_warps=4, num_stages=1)
 
 
-def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True):
+def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True, tma=None):
     M, K = x2.shape
     N = W.shape[0]
     R = A.shape[0]
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     xa = torch.empty((M, R), dtype=x2.dtype, device=x2.device) if (has_lora and store_xa) else y
-    _launch(
-        _lora_fwd_kernel, _fwd_tuned if x2.is_cuda else None,
-        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),
-        (x2, W, A, B, bias if bias is not None else y, y, xa, M, N, K, float(scale),
-         x2.stride(0), x2.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1),
-         y.stride(0), y.stride(1), xa.stride(0)),
-        dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_XA=has_lora and store_xa,
-             EVEN_K=K % 128 == 0, BLOCK_R=R, IEEE=x2.dtype == torch.float32),
-        M, x2.device,
-    )
+    tma = _tma_eligible(x2, W, A, B, y) if tma is None else tma
+    tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
+    meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_XA=has_lora and store_xa, BLOCK_R=R,
+                IEEE=x2.dtype == torch.float32)
+    b = bias if bias is not None else y
+    if tma:
+        _launch(_lora_fwd_tma_kernel, True, tiles, (x2, W, A, B, b, y, xa, M, N, K, float(scale)), meta, M,
+                x2.device)
+    else:
+        _launch(_lora_fwd_kernel, False, tiles,
+                (x2, W, A, B, b, y, xa, M, N, K, float(scale), x2.stride(0), x2.stride(1), W.stride(0), W.stride(1),
+                 A.stride(0), A.stride(1), B.stride(0), B.stride(1), y.stride(0), y.stride(1), xa.stride(0)),
+                dict(meta, EVEN_K=K % 128 == 0), M, x2.device)
     return y, xa
 
 
-def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True):
+def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True, tma=None):
     M, N = dy2.shape
     K = W.shape[1]
     R = A.shape[0]
@@ -336,28 +374,32 @@ def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True):
         sums = torch.zeros(R * K + N * R, dtype=torch.float32, device=dy2.device)
         dA, dB = sums[: R * K].view(R, K), sums[R * K:].view(N, R)
     else:
-        dA = dB = dx
-    _launch(
-        _lora_bwd_kernel, _bwd_tuned if dy2.is_cuda else None,
-        lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"]),
-        (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale),
-         dy2.stride(0), dy2.stride(1), W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0),
-         B.stride(1), x2.stride(0), x2.stride(1), xa.stride(0), dx.stride(0), dx.stride(1)),
-        dict(HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db, EVEN_N=N % 128 == 0, BLOCK_R=R,
-             IEEE=dy2.dtype == torch.float32),
-        M, dy2.device, sums=sums if has_lora else None,
-    )
+        sums, dA, dB = None, dx, dx
+    tma = _tma_eligible(dy2, x2, W, A, B, xa, dx) if tma is None else tma
+    tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"])  # noqa: E731
+    meta = dict(HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db, BLOCK_R=R, IEEE=dy2.dtype == torch.float32)
+    if tma:
+        _launch(_lora_bwd_tma_kernel, True, tiles, (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale)), meta,
+                M, dy2.device, sums=sums)
+    else:
+        _launch(_lora_bwd_kernel, False, tiles,
+                (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale), dy2.stride(0), dy2.stride(1), W.stride(0),
+                 W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), x2.stride(0), x2.stride(1),
+                 xa.stride(0), dx.stride(0), dx.stride(1)),
+                dict(meta, EVEN_N=N % 128 == 0), M, dy2.device, sums=sums)
     return dx, dA, dB
 
 
-def base_gemm(x2: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def base_gemm(x2: torch.Tensor, W: torch.Tensor, tma=None) -> torch.Tensor:
     """``x @ W^T`` by the same Triton GEMM with the LoRA parts compiled out (benchmarks: the GEMM's own speed)."""
-    return _fwd(x2, W, W[:16], W[:, :16], None, 1.0, has_lora=False)[0]
+    tma = _tma_eligible(x2, W) if tma is None else tma
+    return _fwd(x2, W, W[:16], W, None, 1.0, has_lora=False, tma=tma)[0]  # A, B: never read
 
 
-def base_gemm_dx(dy2: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def base_gemm_dx(dy2: torch.Tensor, W: torch.Tensor, tma=None) -> torch.Tensor:
     """``dy @ W`` by the backward kernel with the LoRA parts compiled out."""
-    return _bwd(dy2, dy2, W, W[:16], W[:, :16], dy2, 1.0, False, False, has_lora=False)[0]
+    tma = _tma_eligible(dy2, W) if tma is None else tma
+    return _bwd(dy2, dy2, W, W[:16], W, dy2, 1.0, False, False, has_lora=False, tma=tma)[0]  # x, A, B, xa: unread
 
 
 def _padded(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:

@@ -32,13 +32,19 @@ def _reference(x, W, b, A, B, dy, s):
                 x64, A64, B64, dy.double())
 
 
-@pytest.mark.parametrize("shape", [(15, 67, 37, 4), (16, 128, 128, 16), (7, 33, 130, 20)],
-                         ids=["odd-r4", "even-r16", "odd-r20"])
+@pytest.mark.parametrize("shape", [(15, 67, 37, 4), (16, 128, 128, 16), (7, 33, 130, 20), (15, 72, 40, 4)],
+                         ids=["odd-r4", "even-r16", "odd-r20", "aligned-ragged-r4"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_lora_gemm_matches_reference(cpu_interp, seed, close, shape, bias, adapter_dtype, dtype):
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+def test_lora_gemm_matches_reference(cpu_interp, seed, close, monkeypatch, path, shape, bias, adapter_dtype, dtype):
+    """Both kernel families: pointer loads with wrapped edge rows, and the persistent TMA-descriptor kernels
+    (3 programs walking all tiles; out-of-bounds tiles read as zeros)."""
     T, K, N, r = shape
+    if path == "tma" and (K % 8 or N % 8):
+        pytest.skip("TMA needs 16-byte aligned rows (the wrapper sends these shapes to the pointer kernels)")
+    monkeypatch.setattr("harness.kernels.lora_gemm._tma_eligible", lambda *t: path == "tma")
     x, W, b, A, B, dy = _inputs(T, K, N, r, dtype, adapter_dtype, bias)
     s = 2.0
     got = _run(lambda: lora_gemm(x, W, b, A, B, s), x, A, B, dy)
@@ -70,12 +76,13 @@ def test_lora_gemm_frozen_adapter_b(cpu_interp, seed, close):
         close(a, e, 1e-5, 1e-5, name)
 
 
-def test_base_gemms_match_torch(cpu_interp, seed, close):
-    x = torch.randn(21, 70)
-    W = torch.randn(45, 70)
-    dy = torch.randn(21, 45)
-    close(base_gemm(x, W), x @ W.t(), 1e-5, 1e-5, "x W^T")
-    close(base_gemm_dx(dy, W), dy @ W, 1e-5, 1e-5, "dy W")
+@pytest.mark.parametrize("tma", [False, True])
+def test_base_gemms_match_torch(cpu_interp, seed, close, tma):
+    x = torch.randn(21, 72)  # ragged against the 16-wide tiles, 16-byte aligned rows for TMA
+    W = torch.randn(40, 72)
+    dy = torch.randn(21, 40)
+    close(base_gemm(x, W, tma=tma), x @ W.t(), 1e-5, 1e-5, "x W^T")
+    close(base_gemm_dx(dy, W, tma=tma), dy @ W, 1e-5, 1e-5, "dy W")
 
 
 def test_lora_gemm_cpu_without_interpreter_runs_reference(monkeypatch, seed, close):
