@@ -301,16 +301,16 @@ if HAS_TRITON:
                                                       reset_to_zero=["DA", "DB"])(_lora_bwd_tma_kernel),
     }  # reset_to_zero: each timing run sums afresh
 
-_ALLOCATOR_SET = False
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _tma_ready(device: torch.device) -> None:
-    """Device-side tensor descriptors need a scratch allocation per launch; Triton asks a process-wide
-    allocator for it (set once, from torch's caching allocator, so it is CUDA-graph safe)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
-        _ALLOCATOR_SET = True
+    """Device-side tensor descriptors need a scratch allocation per launch, which Triton asks of the allocator
+    set with ``triton.set_allocator``. That setting is a context variable: set in the forward's thread, it is
+    unset in autograd's backward thread, so it is set before every TMA launch (a context-variable store), from
+    torch's caching allocator (CUDA-graph safe)."""
+    triton.set_allocator(_scratch)
 
 
 def _tma_eligible(*ts: torch.Tensor) -> bool:
