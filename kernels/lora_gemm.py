@@ -23,8 +23,19 @@ Backward, one kernel. Program ``(m, k)`` computes the tile ``dx[m, k]``::
     dA[:, k] += gs^T x[m, k]               # one x tile per program: x is read once in all, fp32 atomics
     dB[j, :] += dy[m, j]^T xa[m]           # for the n-blocks j = k, k + #k-blocks, ...: dy from L2, atomics
 
+Two kernel families with that math: on Hopper and newer, for contiguous operands with 16-byte aligned rows, persistent
+kernels that move tiles with TMA tensor descriptors (edge tiles read as zeros, stores clipped); elsewhere (strided
+inputs, older GPUs, the interpreter's odd shapes) pointer-load kernels whose edge tiles wrap onto valid rows and
+mask their stores and sums. Both are autotuned per (N, K, M rounded up to a power of two).
+
 dA and dB are sums over the token blocks, accumulated with fp32 atomics (run-to-run order differences at the
 1e-7 level, like :func:`harness.kernels.lora_linear._skinny_tn`); ``s`` of dB is applied to the ``[N, r]`` sum.
+
+Measured on an H100 (docs/kernels.md, run 5): this is correct but not faster. Fwd+bwd kernel time over the cuBLAS base
+is +91% at 1536^2 and +50% at 3584^2; :func:`harness.kernels.lora_linear.lora_linear` measures +104% and +24%. The
+rank-16 MMA in the main loop costs ~30% of the GEMM, not its 6% of FLOPs, and the atomic dA/dB epilogues cost more
+than separate passes. So the model patching does not use it. It stays as a tested function with
+``benchmarks/lora_gemm_probe.py`` for the next attempt.
 
 Ranks that are not a power of two >= 16 are zero-padded to the next one (``tl.dot`` needs 16). The reference is
 :func:`harness.kernels.lora_linear.lora_linear_reference`; on CPU (without ``TRITON_INTERPRET=1``) and for
@@ -393,13 +404,15 @@ def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True, tma=None)
 def base_gemm(x2: torch.Tensor, W: torch.Tensor, tma=None) -> torch.Tensor:
     """``x @ W^T`` by the same Triton GEMM with the LoRA parts compiled out (benchmarks: the GEMM's own speed)."""
     tma = _tma_eligible(x2, W) if tma is None else tma
-    return _fwd(x2, W, W[:16], W, None, 1.0, has_lora=False, tma=tma)[0]  # A, B: never read
+    A, B = W.new_empty(16, W.shape[1]), W.new_empty(W.shape[0], 16)  # never read
+    return _fwd(x2, W, A, B, None, 1.0, has_lora=False, tma=tma)[0]
 
 
 def base_gemm_dx(dy2: torch.Tensor, W: torch.Tensor, tma=None) -> torch.Tensor:
     """``dy @ W`` by the backward kernel with the LoRA parts compiled out."""
     tma = _tma_eligible(dy2, W) if tma is None else tma
-    return _bwd(dy2, dy2, W, W[:16], W, dy2, 1.0, False, False, has_lora=False, tma=tma)[0]  # x, A, B, xa: unread
+    A, B, xa = W.new_empty(16, W.shape[1]), W.new_empty(W.shape[0], 16), dy2.new_empty(dy2.shape[0], 16)
+    return _bwd(dy2, dy2, W, A, B, xa, 1.0, False, False, has_lora=False, tma=tma)[0]  # x (dy2), A, B, xa: unread
 
 
 def _padded(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:

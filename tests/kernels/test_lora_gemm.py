@@ -34,8 +34,8 @@ def _reference(x, W, b, A, B, dy, s):
 
 @pytest.mark.parametrize("shape", [(15, 67, 37, 4), (16, 128, 128, 16), (7, 33, 130, 20), (15, 72, 40, 4)],
                          ids=["odd-r4", "even-r16", "odd-r20", "aligned-ragged-r4"])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
+@pytest.mark.parametrize("bias,adapter_dtype", [(False, None), (True, torch.float32)],
+                         ids=["plain", "bias-fp32-adapters"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("path", ["pointer", "tma"])
 def test_lora_gemm_matches_reference(cpu_interp, seed, close, monkeypatch, path, shape, bias, adapter_dtype, dtype):
