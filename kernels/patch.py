@@ -70,7 +70,12 @@ class KernelConfig:
         self.tiled_mlp, self.combo_kernels, self.lora_op = tiled_mlp, combo_kernels, lora_op
 
 
-def _cfg_get(cfg, name, default):
+_DEFAULTS = KernelConfig()  # the one place the kernel switches' defaults are spelled
+
+
+def _cfg_get(cfg, name):
+    """``cfg.name`` (object, dict or DictConfig), or KernelConfig's default where it is missing or None."""
+    default = getattr(_DEFAULTS, name)
     if cfg is None:
         return default
     if isinstance(cfg, dict):
@@ -406,7 +411,7 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
     Triton is importable; True -> like 'auto' but warns when it cannot swap. ``force=True``
     swaps on any device (for tests under TRITON_INTERPRET=1).
     """
-    enabled = _cfg_get(cfg, "enabled", "auto")
+    enabled = _cfg_get(cfg, "enabled")
     if isinstance(enabled, str) and enabled.lower() in ("false", "off", "no", "0"):
         enabled = False
     if enabled is False:
@@ -417,12 +422,12 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
                 warnings.warn("accelerate_model: model not on CUDA or Triton missing; kernels not swapped")
             return {}
     report: dict[str, list[str]] = defaultdict(list)
-    want_lora = bool(_cfg_get(cfg, "lora", True))
-    want_rms = bool(_cfg_get(cfg, "rms_norm", True))
-    want_rope = bool(_cfg_get(cfg, "rope", True))
-    want_act = bool(_cfg_get(cfg, "swiglu", True))
-    want_ce = bool(_cfg_get(cfg, "cross_entropy", True))
-    want_compile = _cfg_get(cfg, "compile", False)
+    want_lora = bool(_cfg_get(cfg, "lora"))
+    want_rms = bool(_cfg_get(cfg, "rms_norm"))
+    want_rope = bool(_cfg_get(cfg, "rope"))
+    want_act = bool(_cfg_get(cfg, "swiglu"))
+    want_ce = bool(_cfg_get(cfg, "cross_entropy"))
+    want_compile = _cfg_get(cfg, "compile")
     if isinstance(want_compile, str):
         want_compile = want_compile.lower() in ("true", "auto", "on", "yes", "1")
     if want_compile:
@@ -430,8 +435,8 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
 
         # inside compiled layers the compiler fuses norms / rope / activations with their neighbours;
         # the hand-written kernels are for eager mode
-        report.update(prepare_for_compile(model, want_lora, bool(_cfg_get(cfg, "tiled_mlp", True)),
-                                          lora_op=bool(_cfg_get(cfg, "lora_op", True))))
+        report.update(prepare_for_compile(model, want_lora, bool(_cfg_get(cfg, "tiled_mlp")),
+                                          lora_op=bool(_cfg_get(cfg, "lora_op"))))
         want_lora = want_rms = want_rope = want_act = False
 
     for name, m in model.named_modules():
@@ -485,8 +490,8 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
             _swap_forward(lm, _ce_forward, keep_signature=True)
             report["cross_entropy"].append(name)
     if want_compile:
-        mode = _cfg_get(cfg, "compile_mode", "default")
-        report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend", "inductor"),
+        mode = _cfg_get(cfg, "compile_mode")
+        report["compiled_layers"] = compile_layers(model, backend=_cfg_get(cfg, "compile_backend"),
                                                    mode=None if mode == "default" else mode,
-                                                   combo_kernels=bool(_cfg_get(cfg, "combo_kernels", True)))
+                                                   combo_kernels=bool(_cfg_get(cfg, "combo_kernels")))
     return dict(report)

@@ -117,3 +117,39 @@ def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
     seen.clear()
     pipeline.accelerate(run, model=None)
     assert seen["lora_op"] is True and run.bench.lora_op is True
+
+
+def test_kernel_switch_defaults_agree_between_harness_and_library():
+    """The harness's kernels.* defaults (KernelsConfig, conf/config.yaml) and the library's (KernelConfig, the
+    fallback of accelerate_model for a missing key) are the same, so a run and a direct accelerate_model call
+    swap the same kernels. One deliberate difference: the harness compiles on 'auto' (with the kernels, on
+    CUDA); the library compiles only when asked."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from harness.config import KernelsConfig
+    from harness.kernels.patch import KernelConfig
+
+    lib = vars(KernelConfig())
+    harness = {f.name: f.default for f in dataclasses.fields(KernelsConfig)}
+    yaml_kernels = OmegaConf.load("conf/config.yaml").kernels
+    shared = sorted(set(lib) & set(harness))
+    assert {"lora", "lora_op", "tiled_mlp", "combo_kernels", "compile_mode"} <= set(shared)
+    for name in shared:
+        if name == "compile":
+            assert (lib[name], harness[name]) == (False, "auto")
+            continue
+        assert harness[name] == lib[name], f"kernels.{name}: harness {harness[name]!r} vs library {lib[name]!r}"
+        if name in yaml_kernels:
+            assert yaml_kernels[name] == harness[name], f"conf/config.yaml kernels.{name}: {yaml_kernels[name]!r}"
+
+
+def test_accelerate_model_falls_back_to_library_defaults():
+    """A partial kernels config (dict or object) gets KernelConfig's default for each missing switch."""
+    from harness.kernels import patch
+
+    assert patch._cfg_get({"lora_op": False}, "lora_op") is False
+    assert patch._cfg_get({}, "lora_op") is patch.KernelConfig().lora_op is True
+    assert patch._cfg_get(None, "compile_mode") == "default"
+    assert patch._cfg_get(type("C", (), {"tiled_mlp": None})(), "tiled_mlp") is True
