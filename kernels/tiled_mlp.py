@@ -90,8 +90,20 @@ def _proj(x, W, A, B, s, op=False):
     return torch.addmm(x @ W.t(), x @ A.to(x.dtype).t(), B.to(x.dtype).t(), alpha=s)
 
 
-def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib, op=False):
-    """dx of one projection; LoRA grads accumulated into grads[ia] / grads[ib] (fp32)."""
+def _proj_xa(x, W, A, B, s, op=False):
+    """``(_proj(...), x A^T)``: the recompute in backward keeps the rank-r product for dB (None without LoRA)."""
+    if A is None:
+        return x @ W.t(), None
+    Ax, Bx = A.to(x.dtype), B.to(x.dtype)
+    if op:
+        return lora_mm(x, W, None, Ax, Bx, float(s))
+    xa = x @ Ax.t()
+    return torch.addmm(x @ W.t(), xa, Bx.t(), alpha=s), xa
+
+
+def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib, op=False, xa=None):
+    """dx of one projection; LoRA grads accumulated into grads[ia] / grads[ib] (fp32). ``xa``: ``x A^T`` when the
+    caller has it (else computed here)."""
     if A is None:
         return dy @ W.to(dy.dtype)
     Ad, Bd = A.to(dy.dtype), B.to(dy.dtype)
@@ -102,7 +114,7 @@ def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib, op=False):
         gB = dy @ Bd                                   # [n, r]
         dx = torch.addmm(dy @ W.to(dy.dtype), gB, Ad, alpha=s)
     grads[ia] += s * (gB.t() @ x).float()          # [r, in]
-    grads[ib] += s * (dy.t() @ (x @ Ad.t())).float()  # [out, r]
+    grads[ib] += s * (dy.t() @ (x @ Ad.t() if xa is None else xa)).float()  # [out, r]
     return dx
 
 
@@ -137,14 +149,14 @@ class TiledGatedMLPFunction(torch.autograd.Function):
         dx = torch.empty_like(x2)
         n = _tiles(x2.shape[0])
         for xt, dyt, dxt in zip(x2.tensor_split(n), dout2.tensor_split(n), dx.tensor_split(n)):
-            g, u = _proj(xt, Wg, Ag, Bg, sg, op), _proj(xt, Wu, Au, Bu, su, op)
+            (g, xag), (u, xau) = _proj_xa(xt, Wg, Ag, Bg, sg, op), _proj_xa(xt, Wu, Au, Bu, su, op)
             a, da = _act_grad(g, act)
             h = (a * u.float()).to(xt.dtype)
             dh = _proj_bwd(dyt, h, Wd, Ad, Bd, sd, grads, 4, 5, op).float()
             dg = (dh * u.float() * da).to(xt.dtype)
             du = (dh * a).to(xt.dtype)
-            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1, op)
-                      + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3, op))
+            dxt.copy_(_proj_bwd(dg, xt, Wg, Ag, Bg, sg, grads, 0, 1, op, xag)
+                      + _proj_bwd(du, xt, Wu, Au, Bu, su, grads, 2, 3, op, xau))
         out = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, adapters)]
         return (dx.view(ctx.shape), None, None, None, *out, None, None, None, None, None, None)
 
