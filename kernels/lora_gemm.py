@@ -71,6 +71,34 @@ def _tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @jit
+def _main_loop(p_ptrs, q_ptrs, s_ptrs, step_p, step_q, step_s, red, acc, acc_s,
+               HAS_SIDE: tl.constexpr, EVEN: tl.constexpr, BLOCK_RED: tl.constexpr, IEEE: tl.constexpr):
+    """The pointer kernels' loop over the reduction dim: ``acc += P Q`` and, with ``HAS_SIDE``, ``acc_s += P S`` from
+    the same P tile (forward: P = x, Q = W^T, S = A^T; backward: P = dy, Q = W, S = B). P tiles are
+    [rows, BLOCK_RED], Q and S tiles [BLOCK_RED, cols]; ``red`` is the reduction length (masked unless ``EVEN``)."""
+    o = tl.arange(0, BLOCK_RED)
+    for i in range(0, tl.cdiv(red, BLOCK_RED)):
+        if EVEN:
+            p = tl.load(p_ptrs)
+            q = tl.load(q_ptrs)
+        else:
+            mask = o < red - i * BLOCK_RED
+            p = tl.load(p_ptrs, mask=mask[None, :], other=0.0)
+            q = tl.load(q_ptrs, mask=mask[:, None], other=0.0)
+        acc = _mma(p, q, acc, IEEE)
+        if HAS_SIDE:
+            if EVEN:
+                side = tl.load(s_ptrs)
+            else:
+                side = tl.load(s_ptrs, mask=mask[:, None], other=0.0)
+            acc_s = _mma(p, side, acc_s, IEEE)
+            s_ptrs += BLOCK_RED * step_s
+        p_ptrs += BLOCK_RED * step_p
+        q_ptrs += BLOCK_RED * step_q
+    return acc, acc_s
+
+
+@jit
 def _lora_fwd_kernel(
     X, W, A, B, BIAS, Y, XA,
     M, N, K, scale,
@@ -90,26 +118,9 @@ def _lora_fwd_kernel(
     x_ptrs = X + om[:, None] * sxm + ok[None, :] * sxk
     w_ptrs = W + ok[:, None] * swk + on[None, :] * swn  # [BLOCK_K, BLOCK_N] view of W^T
     a_ptrs = A + ok[:, None] * sak + orr[None, :] * sar  # [BLOCK_K, BLOCK_R] view of A^T
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            x = tl.load(x_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            kmask = ok < K - kb * BLOCK_K
-            x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-        acc = _mma(x, w, acc, IEEE)
-        if HAS_LORA:
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-            else:
-                a = tl.load(a_ptrs, mask=kmask[:, None], other=0.0)
-            acc_xa = _mma(x, a, acc_xa, IEEE)
-            a_ptrs += BLOCK_K * sak
-        x_ptrs += BLOCK_K * sxk
-        w_ptrs += BLOCK_K * swk
+    acc, acc_xa = _main_loop(x_ptrs, w_ptrs, a_ptrs, sxk, swk, sak, K,
+                             tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
+                             tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), HAS_LORA, EVEN_K, BLOCK_K, IEEE)
     mmask = rm < M
     if HAS_LORA:
         if STORE_XA:
@@ -145,26 +156,9 @@ def _lora_bwd_kernel(
     dy_ptrs = DY + om[:, None] * sdm + on[None, :] * sdn
     w_ptrs = W + on[:, None].to(tl.int64) * swn + okk[None, :] * swk
     b_ptrs = B + on[:, None] * sbn + orr[None, :] * sbr
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    acc_g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for nb in range(0, tl.cdiv(N, BLOCK_N)):
-        if EVEN_N:
-            dy = tl.load(dy_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            nmask = on < N - nb * BLOCK_N
-            dy = tl.load(dy_ptrs, mask=nmask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0)
-        acc = _mma(dy, w, acc, IEEE)
-        if HAS_LORA:
-            if EVEN_N:
-                b = tl.load(b_ptrs)
-            else:
-                b = tl.load(b_ptrs, mask=nmask[:, None], other=0.0)
-            acc_g = _mma(dy, b, acc_g, IEEE)
-            b_ptrs += BLOCK_N * sbn
-        dy_ptrs += BLOCK_N * sdn
-        w_ptrs += BLOCK_N * swn
+    acc, acc_g = _main_loop(dy_ptrs, w_ptrs, b_ptrs, sdn, swn, sbn, N,
+                            tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32),
+                            tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), HAS_LORA, EVEN_N, BLOCK_N, IEEE)
     mmask = rm < M
     kmask = rk < K
     if HAS_LORA:
@@ -303,12 +297,12 @@ _TUNE_KEY = ["N", "K", "M_BUCKET", "HAS_LORA"]
 
 if HAS_TRITON:
     _TUNED = {
-        (_lora_fwd_kernel, False): triton.autotune(_configs("BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_lora_fwd_kernel),
-        (_lora_bwd_kernel, False): triton.autotune(_configs("BLOCK_K", "BLOCK_N"), key=_TUNE_KEY,
+        _lora_fwd_kernel: triton.autotune(_configs("BLOCK_N", "BLOCK_K"), key=_TUNE_KEY)(_lora_fwd_kernel),
+        _lora_bwd_kernel: triton.autotune(_configs("BLOCK_K", "BLOCK_N"), key=_TUNE_KEY,
                                                    reset_to_zero=["DA", "DB"])(_lora_bwd_kernel),
-        (_lora_fwd_tma_kernel, True): triton.autotune(_configs("BLOCK_N", "BLOCK_K", FLATTEN=True),
+        _lora_fwd_tma_kernel: triton.autotune(_configs("BLOCK_N", "BLOCK_K", FLATTEN=True),
                                                       key=_TUNE_KEY)(_lora_fwd_tma_kernel),
-        (_lora_bwd_tma_kernel, True): triton.autotune(_configs("BLOCK_K", "BLOCK_N", FLATTEN=True), key=_TUNE_KEY,
+        _lora_bwd_tma_kernel: triton.autotune(_configs("BLOCK_K", "BLOCK_N", FLATTEN=True), key=_TUNE_KEY,
                                                       reset_to_zero=["DA", "DB"])(_lora_bwd_tma_kernel),
     }  # reset_to_zero: each timing run sums afresh
 
@@ -338,7 +332,7 @@ def _launch(kernel, tma, tiles, args, meta, M, device, sums=None):
     if tma:
         _tma_ready(device)
     if device.type == "cuda":
-        tuned = _TUNED[(kernel, tma)]
+        tuned = _TUNED[kernel]
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         grid = (lambda m: (min(sms, tiles(m)),)) if tma else (lambda m: (tiles(m),))
         tuned_before = len(tuned.cache)
