@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .lora_op import lora_mm, lowrank_addmm
+from .lora_op import lora_mm
 
 __all__ = ["tiled_gated_mlp", "gated_mlp_reference", "TiledGatedMLPFunction", "recomputing", "mlp_ends_layer",
            "TILE_ROWS"]
@@ -83,15 +83,12 @@ def _act_grad(g: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
 # out-of-place ``addmm(y, a, b)`` copies ``y`` first, here a [tile rows, intermediate] tensor; inside the op the
 # add is in place. ``op=False``: the traced addmm (the path the 2026-12-05 GPU numbers were measured with).
 def _proj(x, W, A, B, s, op=False):
-    if A is None:
-        return x @ W.t()
-    if op:
-        return lowrank_addmm(x, W, A.to(x.dtype), B.to(x.dtype), s)
-    return torch.addmm(x @ W.t(), x @ A.to(x.dtype).t(), B.to(x.dtype).t(), alpha=s)
+    return _proj_xa(x, W, A, B, s, op)[0]
 
 
 def _proj_xa(x, W, A, B, s, op=False):
-    """``(_proj(...), x A^T)``: the recompute in backward keeps the rank-r product for dB (None without LoRA)."""
+    """``(x W^T + s (x A^T) B^T, x A^T)`` (``(x W^T, None)`` without LoRA). The recompute in backward keeps the
+    rank-r product for dB."""
     if A is None:
         return x @ W.t(), None
     Ax, Bx = A.to(x.dtype), B.to(x.dtype)
