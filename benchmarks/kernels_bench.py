@@ -88,6 +88,11 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def kernel_note(t, base):
+    """``"; kernel time: +x%"`` for two ``both`` results (do_bench ms, profiler ms), or "" without profiler times."""
+    return f"; kernel time: {100 * (t[1] / base[1] - 1):+.1f}%" if (t[1] and base[1]) else ""
+
+
 def row(kernel, shape, ms, nbytes=None, copy_bw=None, note="", gms=None):
     """ms: do_bench median (includes launch overhead); gms: profiler sum of kernel times (GPU time).
     GB/s and % of copy use the kernel time when available."""
@@ -350,8 +355,8 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     row("base matmul fwd+bwd (cuBLAS)", shape, base_b)
     fused_b = both(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
     base, fused = base_b[0], fused_b[0]
-    gnote = f"; kernel time: {100 * (fused_b[1] / base_b[1] - 1):+.1f}%" if (fused_b[1] and base_b[1]) else ""
-    row("lora_linear fused fwd+bwd", shape, fused_b, note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{gnote}")
+    row("lora_linear fused fwd+bwd", shape, fused_b,
+        note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}")
     if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
     else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
@@ -361,10 +366,10 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     # the LoRA linear as our own Triton GEMMs (kernels/lora_gemm.py), beside the same GEMMs without LoRA
     gemm_b = both(grad_fn(lambda: lora_gemm(x, W, None, A, B, s), (x, A, B), dy))
     tbase_b = both(lambda: (base_gemm(x, W), base_gemm_dx(dy, W)))
-    gk = f"; kernel time: {100 * (gemm_b[1] / base_b[1] - 1):+.1f}%" if (gemm_b[1] and base_b[1]) else ""
-    row("lora_gemm (Triton GEMM) fwd+bwd", shape, gemm_b, note=f"overhead vs cuBLAS base {100 * (gemm_b[0] / base - 1):+.1f}%{gk}")
-    tk = f"; kernel time: {100 * (tbase_b[1] / base_b[1] - 1):+.1f}%" if (tbase_b[1] and base_b[1]) else ""
-    row("  Triton base GEMM fwd+dX (no LoRA)", shape, tbase_b, note=f"vs cuBLAS base {100 * (tbase_b[0] / base - 1):+.1f}%{tk}")
+    row("lora_gemm (Triton GEMM) fwd+bwd", shape, gemm_b,
+        note=f"overhead vs cuBLAS base {100 * (gemm_b[0] / base - 1):+.1f}%{kernel_note(gemm_b, base_b)}")
+    row("  Triton base GEMM fwd+dX (no LoRA)", shape, tbase_b,
+        note=f"vs cuBLAS base {100 * (tbase_b[0] / base - 1):+.1f}%{kernel_note(tbase_b, base_b)}")
     yg = lora_gemm(x, W, None, A, B, s)
     gx, gA, gB = torch.autograd.grad(yg, (x, A, B), dy)
     fwd_gemm = bench(lambda: lora_gemm(x, W, None, A, B, s))
