@@ -6,6 +6,7 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh peers      # ~8 min: the six stacks
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh unsloth    # ~5 min: Unsloth vs loop + Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh profile    # ~1.5 min: harness16's step, by kernel family
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tprofile   # ~2 min: the same through the Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
 #   AB="; --no-lora-op" ROUNDS=2 bash benchmarks/gpu_session.sh ab    # harness16 variants, one process each (here: kernels.lora_op off)
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
@@ -37,6 +38,8 @@ case "$part" in
     cp /tmp/bench_unsloth/bench.md /tmp/bench_unsloth/bench.jsonl "$out/" 2>/dev/null ;;
   profile)  # where harness16's step goes: phases, host syncs, GPU time per kernel family, top kernels
     python3 -m harness.bench --stack harness16 --profile 2>&1 | tee "$out/profile.txt" ;;
+  tprofile)  # where harness16's step goes through the Trainer (the loop a `harness` run uses): set beside `profile`
+    python3 -m harness.bench --stack harness16 --trainer --profile 2>&1 | tee "$out/tprofile.txt" ;;
   longest)  # longest sequence at batch 1, an 80 GB card's memory on any card so H100 and H200 calls compare;
     # one process per stack, searched from 16,384 tokens to GRANULARITY tokens (STACK_TIMEOUT s each)
     for s in ${LONGEST_STACKS:-hf16 unsloth16 harness16}; do
@@ -59,5 +62,5 @@ case "$part" in
   kernels)
     python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|ab|longest|tune|kernels" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|tprofile|ab|longest|tune|kernels" >&2; exit 2 ;;
 esac

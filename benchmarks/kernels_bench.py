@@ -247,6 +247,37 @@ def tune_rms(copy_bw, N, H, frozen=False):
     print_rms_bwd_kernels(mod, block, default, "default", H, x, w, dy)
 
 
+def tune_dw_sum(n_prog, H, iters=20):
+    """Sweep the dW row sum's launch (columns per program, rows per load, warps) on [n_prog, H] fp32 partials, the
+    shape the backward hands it; print the 6 fastest and the default. Lines start with "tune rms dw-sum"."""
+    import importlib
+
+    mod = importlib.import_module("harness.kernels.rms_norm")
+    partial = torch.randn(n_prog, H, device=DEV)
+    ref = partial.double().sum(0)
+    res = []
+    for block_n in (8, 16, 32, 64):
+        for max_p in (64, 128, 256, 512):
+            for warps in (2, 4, 8):
+                mod.DW_SUM_CONFIG = (block_n, max_p, warps)
+                try:
+                    dw = mod._sum_dw_partials(partial, torch.float32)
+                    assert rel(dw, ref) < 1e-5, "wrong sum"
+                    t = sum(kernel_breakdown(lambda: mod._sum_dw_partials(partial, torch.bfloat16), iters).values())
+                    res.append((t, (block_n, max_p, warps)))
+                except Exception as e:
+                    print(f"tune rms dw-sum H={H} failed {(block_n, max_p, warps)}: {type(e).__name__}: {str(e)[:80]}")
+                finally:
+                    mod.DW_SUM_CONFIG = None
+    res.sort(key=lambda r: r[0])
+    print(f"tune rms dw-sum H={H} rows={n_prog}: {len(res)} configs timed (columns/program, max rows/load, warps)")
+    for i, (t, c) in enumerate(res[:6]):
+        print(f"tune rms dw-sum H={H} top{i + 1} {c}: {t * 1e3:.2f} us", flush=True)
+    for label, config in (("default", mod.DW_SUM_DEFAULT), ("old launch", (32, 64, 4))):
+        t = next((t for t, c in res if c == config), None)
+        print(f"tune rms dw-sum H={H} {label} {config}: " + (f"{t * 1e3:.2f} us" if t else "failed"), flush=True)
+
+
 def tune_rope(copy_bw, N, H):
     mod = __import__("harness.kernels.rope", fromlist=["ELEMS_PER_PROGRAM"])
     D = 128
@@ -474,6 +505,7 @@ def main():
     if args.tune or args.tune_only:
         for H in hiddens:
             if "rms" in only:
+                tune_dw_sum(2 * torch.cuda.get_device_properties(0).multi_processor_count, H)  # the backward's partial rows
                 tune_rms(copy_bw, N, H)
                 tune_rms(copy_bw, N, H, frozen=True)
             if "rope" in only:

@@ -643,7 +643,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--stack", default="harness16")
     ap.add_argument("--all", action="store_true")
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="where a step goes (with --trainer: the first two timed steps of the Trainer's loop)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--grid", type=int, default=32)
@@ -682,7 +683,7 @@ def main():
                          "combo_kernels=true: an experiment switch; the row records what was set")
     a = ap.parse_args()
     a.inductor = set_inductor_options(a.inductor)
-    if a.profile:
+    if a.profile and not a.trainer:
         return profile(a)
     if not a.all:
         from harness.hub_guard import import_bitsandbytes

@@ -10,6 +10,10 @@ count through that loop, so the two rows of a table tell how much the Trainer co
 Timing: no per-step synchronisation (the Trainer does none), so the row's step time is the mean over the timed
 steps: the GPU is synchronised once after the warm-up steps and once after the last timed step. One more,
 untimed, step follows, logged alone, so that ``loss_last`` is one step's loss like the loop's.
+
+``--trainer --profile``: the first two timed steps also run under torch.profiler, and the report says where the
+Trainer's step goes (GPU-busy fraction, kernel families, host time per operator, the collator's host time),
+to set beside ``--profile``'s report of the bench loop.
 """
 from __future__ import annotations
 
@@ -17,6 +21,39 @@ import tempfile
 import time
 
 import torch
+
+
+class TimedCollator:
+    """Wraps a collator and adds up the host seconds spent in it (the DataLoader calls it on the main process)."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def __call__(self, rows) -> dict:
+        t = time.perf_counter()
+        try:
+            return self.inner(rows)
+        finally:
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+
+
+def print_profile(p, wall: float, steps: int, collator: TimedCollator) -> None:
+    """The --trainer --profile report, in the bench loop's --profile terms (harness.bench)."""
+    from torch.autograd import DeviceType
+
+    from harness.bench import category_table, family_top, kernel_categories
+
+    busy = sum(e.self_device_time_total for e in p.key_averages() if e.device_type == DeviceType.CUDA) / 1e6
+    print(f"trainer: wall {wall:.3f}s for {steps} steps (profiled); GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)")
+    print(f"trainer: collator {1e3 * collator.seconds / max(collator.calls, 1):.2f} ms host time per call "
+          f"({collator.calls} calls)")
+    kernels = [(e.key, e.count, e.self_device_time_total / 1e3) for e in p.key_averages()
+               if e.device_type == DeviceType.CUDA]
+    print(category_table(kernel_categories(kernels, steps=steps), wall_ms=wall * 1e3 / steps))
+    print(family_top(kernels, steps=steps))
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+    print(p.key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70))
 
 
 class FixedBatch:
@@ -62,7 +99,9 @@ def run_trainer(a, build, make_batch, flops_per_step, matmul_rate) -> dict:
         from harness.loss_rows import LossRowsCollator
 
         collator = LossRowsCollator(collator)
+    collator = TimedCollator(collator)
     timed_from, timed_to = a.warmup, a.warmup + a.steps  # global steps after which the clock starts / stops
+    profiled = 2 if getattr(a, "profile", False) else 0  # steps after timed_from run under torch.profiler
 
     def sync():
         if cuda:
@@ -71,6 +110,7 @@ def run_trainer(a, build, make_batch, flops_per_step, matmul_rate) -> dict:
     class Clock(TrainerCallback):
         t0 = t1 = first = None
         start = None
+        prof = prof_t0 = None
 
         def on_train_begin(self, args, state, control, **kw):
             sync()
@@ -83,6 +123,19 @@ def run_trainer(a, build, make_batch, flops_per_step, matmul_rate) -> dict:
             if state.global_step == timed_from:
                 sync()
                 self.t0 = time.perf_counter()
+                if profiled:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    collator.seconds, collator.calls = 0.0, 0
+                    self.prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda)
+                    self.prof.__enter__()
+                    self.prof_t0 = time.perf_counter()
+            if self.prof is not None and state.global_step == timed_from + profiled:
+                sync()
+                wall = time.perf_counter() - self.prof_t0
+                self.prof.__exit__(None, None, None)
+                print_profile(self.prof, wall, profiled, collator)
+                self.prof = None
             if state.global_step == timed_to:
                 sync()
                 self.t1 = time.perf_counter()
@@ -122,4 +175,5 @@ def run_trainer(a, build, make_batch, flops_per_step, matmul_rate) -> dict:
                 mfu=round(flops_per_step(a) / step_s / rate, 3) if rate else None,
                 matmul_tflops=round(rate / 1e12) if rate else None,
                 loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3), accelerated=accelerated,
-                optim=args.optim if isinstance(args.optim, str) else args.optim.value)
+                optim=args.optim if isinstance(args.optim, str) else args.optim.value,
+                **({"profiled_steps": profiled} if profiled else {}))  # the profiler's overhead is in step time

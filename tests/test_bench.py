@@ -2,6 +2,7 @@
 the bench loop on tiny models (the GPU numbers themselves live in docs/benchmarks.md)."""
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -116,6 +117,21 @@ def test_bench_through_the_trainer_on_cpu():
     assert "| harness16 via Trainer [tiny_qwen2_vl] | standard | 2 x 48 |" in md and " s (mean) |" in md
     with pytest.raises(ValueError, match="--trainer with stack hf16"):
         bench.run_trainer(argparse.Namespace(**{**vars(a), "stack": "hf16"}))
+
+
+def test_trainer_profile_reports_where_the_step_goes_on_cpu(capsys):
+    """--trainer --profile: two timed steps under torch.profiler; the report gives the wall and GPU-busy split, the
+    collator's host time and the host operator tables, and the row says its steps were profiled."""
+    a = argparse.Namespace(stack="harness16", model="tiny_qwen2_vl", device="cpu", batch=2, tokens=48, grid=4, r=4,
+                           gc="unsloth", no_kernels=False, no_compile=False, no_graphs=False, compile_mode="default",
+                           steps=3, warmup=1, profile=True)
+    row = bench.run_trainer(a)
+    out = capsys.readouterr().out
+    assert row["profiled_steps"] == 2 and row["tokens_per_s"] > 0
+    assert re.search(r"trainer: wall \d+\.\d+s for 2 steps \(profiled\); GPU kernel time 0\.000s", out), out
+    calls = re.search(r"trainer: collator (\d+\.\d+) ms host time per call \((\d+) calls\)", out)
+    assert calls and float(calls.group(1)) > 0 and int(calls.group(2)) == 2, out  # one batch per profiled step
+    assert "Self CPU" in out and "aten::" in out
 
 
 def test_kernel_categories_sort_profiler_rows_into_families():

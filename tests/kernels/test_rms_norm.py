@@ -106,15 +106,25 @@ def test_rms_norm_default_bwd_config():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("n_prog,n_cols", [(150, 67), (64, 32), (3, 1536)])
-def test_dw_sum_kernel(seed, cpu_interp, close, dtype, n_prog, n_cols):
-    # rows in several chunks of 64 with a short last one, columns in blocks of 32 with a short last one
+@pytest.mark.parametrize("n_prog,n_cols", [(150, 67), (64, 32), (3, 1536), (600, 40)])
+@pytest.mark.parametrize("config", [None, (32, 64, 4), (8, 16, 2)], ids=["default", "bn32-bp64", "bn8-bp16"])
+def test_dw_sum_kernel(seed, cpu_interp, close, monkeypatch, dtype, n_prog, n_cols, config):
+    # short last column block; the default loads every row at once up to 512 (600: two trips, the second
+    # short); the chunked configs walk the rows in several trips with a short last one
+    monkeypatch.setattr(rms_mod, "DW_SUM_CONFIG", config)
     partial = torch.randn(n_prog, n_cols)
     dw = rms_mod._sum_dw_partials(partial, dtype)
     assert dw.dtype == dtype and dw.shape == (n_cols,)
     ref = partial.double().sum(0).float()
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp16 / bf16: one rounding of the fp32 sum
     close(dw, ref, tol, tol, "dw sum")
+
+
+def test_dw_sum_default_config():
+    # every partial row in one load (the backward's 264 on an H100 -> 512), capped at 512 rows
+    assert rms_mod._sum_config(264) == (16, 512, 8)
+    assert rms_mod._sum_config(3) == (16, 4, 8)
+    assert rms_mod._sum_config(5000) == (16, 512, 8)
 
 
 def test_rms_norm_backward_dw_in_weight_dtype(seed, cpu_interp, close, monkeypatch):
