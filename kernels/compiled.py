@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lora_linear import _compute_dtype
 from .lora_op import lowrank_addmm
 from .nf4_dequant import dequantize_nf4_op, quant_state_tensors
 from .patch import _lora_call_args, _mlp_act, _original_forward, _swap_forward, swap_lora_forward
@@ -57,12 +58,20 @@ _LORA_OP = "_harness_lora_op"  # LoRA-linear / tiled-MLP attribute: kernels.lora
 def lean_lora_forward(self, x, *args, **kwargs):
     """``base(x) + s * B(A(x))``: the rank-r update and the bias in one ``addmm`` (scale folded into alpha),
     the base matmul added by a second (beta=1); with ``kernels.lora_op`` the same three GEMMs inside the
-    ``harness::lora_mm`` op. The adapters' casts stay traced. No fp32 round trip."""
+    ``harness::lora_mm`` op. The adapters' casts stay traced. No fp32 round trip.
+
+    The GEMMs run in autocast's dtype when autocast is on (as ``F.linear`` would: the Trainer's ``bf16=True``
+    wraps the forward in autocast, and a LayerNorm there hands fp32 activations to the vision tower's qkv and
+    fc1), else in the activation's dtype. The op is opaque to autocast, so without this an fp32 ``x`` made it
+    cast the bf16 weight to fp32 and run fp32 SIMT GEMMs (seen on an H100: ~300 ms of them per anchor Trainer
+    step, 9 per vision block)."""
     call = None if (args or kwargs) else _lora_call_args(self)
     if call is None:
         return _original_forward(self)(x, *args, **kwargs)
     w, b, A, B, s, nf4 = call
-    dt = x.dtype
+    dt = _compute_dtype(x)
+    if x.dtype != dt:
+        x = x.to(dt)
     if nf4 is not None:
         # plain tensors captured by prepare_for_compile: bitsandbytes' Params4bit subclass and the
         # QuantState's device scalar (.item()) stay out of the traced graph
@@ -237,6 +246,9 @@ def tiled_mlp_forward(self, x):
         return _original_forward(self)(x)
     (Wg, Ag, Bg, sg), (Wu, Au, Bu, su), (Wd, Ad, Bd, sd) = args
     skip = bool(self.__dict__.get("_harness_mlp_ends_layer")) and tiled_mlp_state["recompute"]
+    dt = _compute_dtype(x)  # autocast's dtype when on, as for lean_lora_forward
+    if x.dtype != dt:
+        x = x.to(dt)
     return tiled_gated_mlp(x, Wg, Wu, Wd, Ag, Bg, Au, Bu, Ad, Bd, sg, su, sd, self.__dict__["_harness_tiled_act"], skip,
                            op=bool(self.__dict__.get(_LORA_OP)))
 

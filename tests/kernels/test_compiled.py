@@ -233,3 +233,63 @@ def _check_combo_kernels(monkeypatch):
         assert ic.combo_kernels is True
     finally:
         uncompile_layers(model)
+
+
+
+@pytest.mark.parametrize("lora_op", [True, False])
+def test_compiled_lora_runs_in_autocast_dtype(monkeypatch, lora_op):
+    """The Trainer's bf16=True wraps the forward in autocast. On CUDA a LayerNorm under autocast returns fp32, so the
+    vision tower's qkv and fc1 receive fp32 activations while their weights are bf16. The lean LoRA forward and the
+    tiled MLP must run those GEMMs in bf16, as F.linear under autocast does: the opaque harness::lora_mm op is not
+    cast by autocast, and taking the activation's dtype cast the weights to fp32 (fp32 GEMMs on the GPU, ~300 ms
+    of a Trainer step). Here the fp32 activations are handed to the modules directly (CPU autocast's LayerNorm
+    returns bf16)."""
+    import harness.kernels.compiled as compiled
+    import harness.kernels.tiled_mlp as tiled
+
+    model = _tiny_model()
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            p.data = p.data.to(torch.bfloat16)  # a 16-bit base, fp32 adapters (PEFT's autocast_adapter_dtype)
+    lin = next(m for n, m in model.named_modules() if n.endswith("blocks.0.mlp.fc1"))
+    mlp = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp"))
+    g = torch.Generator().manual_seed(21)
+    x_lin = torch.randn(7, lin.in_features, generator=g, requires_grad=True)  # fp32, as from an autocast LayerNorm
+    x_mlp = torch.randn(2, 5, mlp.gate_proj.in_features, generator=g, requires_grad=True)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = [lin(x_lin), mlp(x_mlp)]
+        grads = torch.autograd.grad([o.float().square().sum() for o in outs], [x_lin, x_mlp])
+        return outs, grads
+
+    ref_outs, ref_grads = run()  # PEFT's own forward under autocast
+    seen = []
+    real_addmm, real_mm = compiled.lowrank_addmm, tiled.lora_mm
+
+    def spy_addmm(x, w, A, B, s, b=None):
+        seen.append(("lora", x.dtype, w.dtype, A.dtype))
+        return real_addmm(x, w, A, B, s, b)
+
+    def spy_mm(x, W, b, A, B, s):
+        seen.append(("mlp", x.dtype, W.dtype, A.dtype))
+        return real_mm(x, W, b, A, B, s)
+
+    monkeypatch.setattr(compiled, "lowrank_addmm", spy_addmm)
+    monkeypatch.setattr(tiled, "lora_mm", spy_mm)
+    prepare_for_compile(model, lora_op=lora_op)
+    try:
+        outs, grads = run()
+    finally:
+        revert_model(model)
+    if lora_op:  # fc1 through the op, the tiled MLP's projections too: every operand bf16
+        assert {k for k, *_ in seen} == {"lora", "mlp"}
+        assert {tuple(dts) for _, *dts in seen} == {(torch.bfloat16,) * 3}, set(seen)
+    else:
+        assert not seen
+    for o, r in zip(outs, ref_outs):
+        assert o.dtype == r.dtype == torch.bfloat16
+        torch.testing.assert_close(o, r, rtol=2e-2, atol=2e-2)
+    for gr, r in zip(grads, ref_grads):
+        assert gr.dtype == torch.float32  # the gradient reaches the fp32 input in its own dtype
+        torch.testing.assert_close(gr, r, rtol=3e-2, atol=3e-2)
