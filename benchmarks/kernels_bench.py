@@ -39,6 +39,9 @@ from harness.kernels import (  # the installed project (pip install -e .)
 )
 from harness.kernels.lora_gemm import base_gemm, base_gemm_dx, lora_gemm  # noqa: E402
 import triton  # noqa: E402
+import importlib  # noqa: E402
+
+LORA_LINEAR = importlib.import_module("harness.kernels.lora_linear")  # the module (the package attribute is the function)
 
 ROWS: list[dict] = []
 CHECKS: list[dict] = []
@@ -216,8 +219,8 @@ def tune_rms(copy_bw, N, H, frozen=False):
     dy = torch.randn(N, H, device=DEV, dtype=DT)
     block = 1 << (H - 1).bit_length()
     default = mod._bwd_config(block)
+    nbytes = 3 * N * H * 2 + 4 * N  # x and dy read, dx written (bf16), rstd read (fp32)
     H = f"{H} frozen" if frozen else H  # (only printed from here on)
-    nbytes = 3 * N * H * 2 + 4 * N
 
     def line(label, config, t):
         gbs = nbytes / t / 1e6
@@ -386,8 +389,10 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     row("base matmul fwd+bwd (cuBLAS)", shape, base_b)
     fused_b = both(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
     base, fused = base_b[0], fused_b[0]
+    auto = "/".join(LORA_LINEAR._paths(N, M, K, True))
     row("lora_linear fused fwd+bwd", shape, fused_b,
-        note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}")
+        note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; auto paths {auto}")
+    lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
     if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
     else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
@@ -423,6 +428,21 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
         fused4 = bench(grad_fn(lambda: lora_linear(x, None, None, A, B, s, nf4=(packed, qs)), (x, A, B), dy))
         row("lora_linear nf4 fused fwd+bwd", shape, fused4, note=f"vs 16-bit base {100 * (fused4 / base - 1):+.1f}%")
     return base, fused
+
+
+def lora_paths_sweep(shape, fn, inputs, dy, base_b):
+    """lora_linear fwd+bwd under every (fwd, dx, dy) kernel choice of harness.kernels.lora_linear.PATHS (cublas/
+    cublas/cublas is the path before the Triton epilogue GEMMs and the fused dy pass), beside the cuBLAS base."""
+    for fwd in ("cublas", "epilogue"):
+        for dx in ("cublas", "epilogue"):
+            for dyp in ("cublas", "fused"):
+                LORA_LINEAR.PATHS.update(fwd=fwd, dx=dx, dy=dyp)
+                try:
+                    t = both(grad_fn(fn, inputs, dy))
+                finally:
+                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="auto")
+                row(f"  lora_linear paths {fwd}/{dx}/{dyp}", shape, t,
+                    note=f"overhead vs base {100 * (t[0] / base_b[0] - 1):+.1f}%{kernel_note(t, base_b)}")
 
 
 def bench_lora_qkv(N, H, r=16):
