@@ -49,7 +49,8 @@ import torch
 from ._triton_utils import HAS_TRITON, jit, next_pow2, tl, triton, use_triton
 from .lora_linear import _compute_dtype, _skinny_tn, lora_linear, lora_linear_reference
 
-__all__ = ["lora_gemm", "lora_gemm_reference", "LoRAGemmFunction", "base_gemm"]
+__all__ = ["lora_gemm", "lora_gemm_reference", "LoRAGemmFunction", "base_gemm", "gemm_rank_epilogue",
+           "gemm_dx_rank_epilogue"]
 
 lora_gemm_reference = lora_linear_reference
 
@@ -104,9 +105,12 @@ def _lora_fwd_kernel(
     M, N, K, scale,
     sxm, sxk, swn, swk, sar, sak, sbn, sbr, sym, syn, sxam, M_BUCKET,
     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, EVEN_K: tl.constexpr,
+    XA_IN: tl.constexpr, SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # XA_IN: xa [M, BLOCK_R] is given (computed beforehand), so the main loop is the plain GEMM (SIDE False) and
+    # only the epilogue adds (s xa) B^T. Otherwise SIDE == HAS_LORA: xa is accumulated from the x tiles.
     pid_m, pid_n = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,10 +124,12 @@ def _lora_fwd_kernel(
     a_ptrs = A + ok[:, None] * sak + orr[None, :] * sar  # [BLOCK_K, BLOCK_R] view of A^T
     acc, acc_xa = _main_loop(x_ptrs, w_ptrs, a_ptrs, sxk, swk, sak, K,
                              tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32),
-                             tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), HAS_LORA, EVEN_K, BLOCK_K, IEEE)
+                             tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), SIDE, EVEN_K, BLOCK_K, IEEE)
     mmask = rm < M
     if HAS_LORA:
-        if STORE_XA:
+        if XA_IN:
+            acc_xa = tl.load(XA + om[:, None] * sxam + orr[None, :]).to(tl.float32)  # wrapped rows: valid memory
+        elif STORE_XA:
             if pid_n == 0:
                 tl.store(XA + rm[:, None].to(tl.int64) * sxam + orr[None, :], acc_xa.to(XA.dtype.element_ty),
                          mask=mmask[:, None])
@@ -137,14 +143,17 @@ def _lora_fwd_kernel(
 
 @jit
 def _lora_bwd_kernel(
-    DY, W, A, B, X, XA, DX, DA, DB,
+    DY, W, A, B, X, XA, G, DX, DA, DB,
     M, N, K, scale,
-    sdm, sdn, swn, swk, sar, sak, sbn, sbr, sxm, sxk, sxam, sxm_out, sxk_out, M_BUCKET,
+    sdm, sdn, swn, swk, sar, sak, sbn, sbr, sxm, sxk, sxam, sgm, sxm_out, sxk_out, M_BUCKET,
     HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, EVEN_N: tl.constexpr,
+    G_IN: tl.constexpr, SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # dx [M, K] = dy [M, N] @ W [N, K] (+ s (dy B) A): output tiles BLOCK_M x BLOCK_K, reduction over N
+    # dx [M, K] = dy [M, N] @ W [N, K] (+ s (dy B) A): output tiles BLOCK_M x BLOCK_K, reduction over N.
+    # G_IN: gs = s dy B [M, BLOCK_R] is given, so the main loop is the plain GEMM (SIDE False), the epilogue adds
+    # gs A, and dA / dB are left to the caller (NEED_DA = NEED_DB = False).
     num_k = tl.cdiv(K, BLOCK_K)
     pid_m, pid_k = _tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), num_k, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -158,12 +167,15 @@ def _lora_bwd_kernel(
     b_ptrs = B + on[:, None] * sbn + orr[None, :] * sbr
     acc, acc_g = _main_loop(dy_ptrs, w_ptrs, b_ptrs, sdn, swn, sbn, N,
                             tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32),
-                            tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), HAS_LORA, EVEN_N, BLOCK_N, IEEE)
+                            tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), SIDE, EVEN_N, BLOCK_N, IEEE)
     mmask = rm < M
     kmask = rk < K
     if HAS_LORA:
-        # rows past M (wrapped loads) must not reach the dA / dB sums
-        gs = tl.where(mmask[:, None], acc_g * scale, 0.0).to(DX.dtype.element_ty)
+        if G_IN:
+            gs = tl.load(G + om[:, None] * sgm + orr[None, :])
+        else:
+            # rows past M (wrapped loads) must not reach the dA / dB sums
+            gs = tl.where(mmask[:, None], acc_g * scale, 0.0).to(DX.dtype.element_ty)
         a = tl.load(A + orr[:, None] * sar + okk[None, :] * sak)  # [BLOCK_R, BLOCK_K]
         acc = _mma(gs, a, acc, IEEE)
     tl.store(DX + rm[:, None].to(tl.int64) * sxm_out + rk[None, :] * sxk_out, acc.to(DX.dtype.element_ty),
@@ -192,7 +204,7 @@ def _lora_bwd_kernel(
 @jit
 def _lora_fwd_tma_kernel(
     X, W, A, B, BIAS, Y, XA, M, N, K, scale, M_BUCKET,
-    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr,
+    HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_XA: tl.constexpr, XA_IN: tl.constexpr, SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -213,13 +225,14 @@ def _lora_fwd_tma_kernel(
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
             x = xd.load([m0, kb * BLOCK_K])
             acc = _mma(x, wd.load([n0, kb * BLOCK_K]).T, acc, IEEE)
-            if HAS_LORA:
+            if SIDE:
                 acc_xa = _mma(x, ad.load([0, kb * BLOCK_K]).T, acc_xa, IEEE)
         if HAS_LORA:
-            xa = acc_xa.to(Y.dtype.element_ty)
-            if STORE_XA:
+            if XA_IN:
+                acc_xa = xad.load([m0, 0]).to(tl.float32)
+            elif STORE_XA:
                 if pid_n == 0:
-                    xad.store([m0, 0], xa)
+                    xad.store([m0, 0], acc_xa.to(Y.dtype.element_ty))
             acc = _mma((acc_xa * scale).to(Y.dtype.element_ty), bd.load([n0, 0]).T, acc, IEEE)
         if HAS_BIAS:
             rn = n0 + tl.arange(0, BLOCK_N)
@@ -229,8 +242,8 @@ def _lora_fwd_tma_kernel(
 
 @jit
 def _lora_bwd_tma_kernel(
-    DY, W, A, B, X, XA, DX, DA, DB, M, N, K, scale, M_BUCKET,
-    HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr,
+    DY, W, A, B, X, XA, G, DX, DA, DB, M, N, K, scale, M_BUCKET,
+    HAS_LORA: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, G_IN: tl.constexpr, SIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, FLATTEN: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -241,6 +254,7 @@ def _lora_bwd_tma_kernel(
     ad = tl.make_tensor_descriptor(A, shape=[BLOCK_R, K], strides=[K, 1], block_shape=[BLOCK_R, BLOCK_K])
     xd = tl.make_tensor_descriptor(X, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     xad = tl.make_tensor_descriptor(XA, shape=[M, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_M, BLOCK_R])
+    gd = tl.make_tensor_descriptor(G, shape=[M, BLOCK_R], strides=[BLOCK_R, 1], block_shape=[BLOCK_M, BLOCK_R])
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -254,11 +268,14 @@ def _lora_bwd_tma_kernel(
         for nb in range(0, num_n):
             dy = dyd.load([m0, nb * BLOCK_N])
             acc = _mma(dy, wd.load([nb * BLOCK_N, k0]), acc, IEEE)
-            if HAS_LORA:
+            if SIDE:
                 acc_g = _mma(dy, bd.load([nb * BLOCK_N, 0]), acc_g, IEEE)
         if HAS_LORA:
-            # rows past M were loaded as zeros, so their g is 0 and they add nothing to dA / dB
-            gs = (acc_g * scale).to(DX.dtype.element_ty)
+            if G_IN:
+                gs = gd.load([m0, 0])
+            else:
+                # rows past M were loaded as zeros, so their g is 0 and they add nothing to dA / dB
+                gs = (acc_g * scale).to(DX.dtype.element_ty)
             acc = _mma(gs, ad.load([0, k0]), acc, IEEE)
         dxd.store([m0, k0], acc.to(DX.dtype.element_ty))
         if HAS_LORA:
@@ -293,7 +310,7 @@ def _configs(out_cols: str, red: str, **extra):
 
 # keyed on the shape, with M bucketed to a power of two (token counts vary from batch to batch), and on whether
 # the LoRA parts are compiled in (the plain GEMM of base_gemm is tuned on its own)
-_TUNE_KEY = ["N", "K", "M_BUCKET", "HAS_LORA"]
+_TUNE_KEY = ["N", "K", "M_BUCKET", "HAS_LORA", "SIDE"]
 
 if HAS_TRITON:
     _TUNED = {
@@ -348,16 +365,22 @@ def _launch(kernel, tma, tiles, args, meta, M, device, sums=None):
         kernel[(n,)](*args, next_pow2(M), **_INTERP, **extra, **meta, num_warps=4, num_stages=1)
 
 
-def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True, tma=None):
+def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True, tma=None, xa_in=None):
+    """``y = x2 W^T (+ bias) + scale (x2 A^T) B^T``; returns (y, xa). ``xa_in``: xa given ([M, R], R = A's rows),
+    so the kernel runs the plain GEMM and adds the rank-r term in its epilogue (A is then not read)."""
     M, K = x2.shape
     N = W.shape[0]
     R = A.shape[0]
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
-    xa = torch.empty((M, R), dtype=x2.dtype, device=x2.device) if (has_lora and store_xa) else y
-    tma = _tma_eligible(x2, W, A, B, y) if tma is None else tma
+    if xa_in is not None:
+        xa, store_xa = xa_in, False
+    else:
+        xa = torch.empty((M, R), dtype=x2.dtype, device=x2.device) if (has_lora and store_xa) else y
+    tensors = (x2, W, A, B, y) if xa_in is None else (x2, W, A, B, y, xa_in)
+    tma = _tma_eligible(*tensors) if tma is None else tma
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"])  # noqa: E731
     meta = dict(HAS_LORA=has_lora, HAS_BIAS=bias is not None, STORE_XA=has_lora and store_xa, BLOCK_R=R,
-                IEEE=x2.dtype == torch.float32)
+                XA_IN=xa_in is not None, SIDE=has_lora and xa_in is None, IEEE=x2.dtype == torch.float32)
     b = bias if bias is not None else y
     if tma:
         _launch(_lora_fwd_tma_kernel, True, tiles, (x2, W, A, B, b, y, xa, M, N, K, float(scale)), meta, M,
@@ -370,27 +393,35 @@ def _fwd(x2, W, A, B, bias, scale, has_lora=True, store_xa=True, tma=None):
     return y, xa
 
 
-def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True, tma=None):
+def _bwd(dy2, x2, W, A, B, xa, scale, need_da, need_db, has_lora=True, tma=None, g_in=None):
+    """``dx = dy2 W + scale (dy2 B) A`` and the dA / dB sums; returns (dx, dA, dB). ``g_in``: ``scale dy2 B``
+    given ([M, R]), so the kernel runs the plain GEMM and adds ``g_in A`` in its epilogue (no dA / dB; x2, B and
+    xa are not read)."""
     M, N = dy2.shape
     K = W.shape[1]
     R = A.shape[0]
     dx = torch.empty((M, K), dtype=dy2.dtype, device=dy2.device)
-    if has_lora:  # one zeroed fp32 buffer for both atomic sums
+    if g_in is not None:
+        need_da = need_db = False
+    if has_lora and (need_da or need_db):  # one zeroed fp32 buffer for both atomic sums
         sums = torch.zeros(R * K + N * R, dtype=torch.float32, device=dy2.device)
         dA, dB = sums[: R * K].view(R, K), sums[R * K:].view(N, R)
     else:
         sums, dA, dB = None, dx, dx
-    tma = _tma_eligible(dy2, x2, W, A, B, xa, dx) if tma is None else tma
+    g = xa if g_in is None else g_in  # (unread without g_in)
+    tensors = (dy2, x2, W, A, B, xa, dx) if g_in is None else (dy2, W, A, g_in, dx)
+    tma = _tma_eligible(*tensors) if tma is None else tma
     tiles = lambda m: triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(K, m["BLOCK_K"])  # noqa: E731
-    meta = dict(HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db, BLOCK_R=R, IEEE=dy2.dtype == torch.float32)
+    meta = dict(HAS_LORA=has_lora, NEED_DA=need_da, NEED_DB=need_db, BLOCK_R=R, G_IN=g_in is not None,
+                SIDE=has_lora and g_in is None, IEEE=dy2.dtype == torch.float32)
     if tma:
-        _launch(_lora_bwd_tma_kernel, True, tiles, (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale)), meta,
-                M, dy2.device, sums=sums)
+        _launch(_lora_bwd_tma_kernel, True, tiles, (dy2, W, A, B, x2, xa, g, dx, dA, dB, M, N, K, float(scale)),
+                meta, M, dy2.device, sums=sums)
     else:
         _launch(_lora_bwd_kernel, False, tiles,
-                (dy2, W, A, B, x2, xa, dx, dA, dB, M, N, K, float(scale), dy2.stride(0), dy2.stride(1), W.stride(0),
-                 W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), x2.stride(0), x2.stride(1),
-                 xa.stride(0), dx.stride(0), dx.stride(1)),
+                (dy2, W, A, B, x2, xa, g, dx, dA, dB, M, N, K, float(scale), dy2.stride(0), dy2.stride(1),
+                 W.stride(0), W.stride(1), A.stride(0), A.stride(1), B.stride(0), B.stride(1), x2.stride(0),
+                 x2.stride(1), xa.stride(0), g.stride(0), dx.stride(0), dx.stride(1)),
                 dict(meta, EVEN_N=N % 128 == 0), M, dy2.device, sums=sums)
     return dx, dA, dB
 
@@ -407,6 +438,27 @@ def base_gemm_dx(dy2: torch.Tensor, W: torch.Tensor, tma=None) -> torch.Tensor:
     tma = _tma_eligible(dy2, W) if tma is None else tma
     A, B, xa = W.new_empty(16, W.shape[1]), W.new_empty(W.shape[0], 16), dy2.new_empty(dy2.shape[0], 16)
     return _bwd(dy2, dy2, W, A, B, xa, 1.0, False, False, has_lora=False, tma=tma)[0]  # x (dy2), A, B, xa: unread
+
+
+def gemm_rank_epilogue(x2, W, xa, B, bias, scale: float, tma=None) -> torch.Tensor:
+    """``y = x2 W^T (+ bias) + scale xa B^T`` with ``xa = x2 A^T`` ([M, r]) computed beforehand: the plain Triton
+    GEMM, the rank-r product and the bias added in its epilogue, so y is written once and never re-read (beside
+    cuBLAS the rank-r term is an [M, N] tensor written, then read back as the GEMM's C)."""
+    dt = x2.dtype
+    R = max(16, next_pow2(xa.shape[1]))
+    xa_p, B_p = _padded(xa, 1, R, dt), _padded(B, 1, R, dt)
+    b = None if bias is None else bias.to(dt)
+    return _fwd(x2, W, W.new_empty(R, W.shape[1]), B_p, b, scale, tma=tma, xa_in=xa_p)[0]  # (A: unread)
+
+
+def gemm_dx_rank_epilogue(dy2, W, gs, A, tma=None) -> torch.Tensor:
+    """``dx = dy2 W + gs A`` with ``gs = s dy2 B`` ([M, r]) computed beforehand: the plain Triton GEMM with the
+    rank-r product added in its epilogue (dx written once)."""
+    dt = dy2.dtype
+    R = max(16, next_pow2(gs.shape[1]))
+    gs_p, A_p = _padded(gs, 1, R, dt), _padded(A, 0, R, dt)
+    B = W.new_empty(W.shape[0], R)  # unread
+    return _bwd(dy2, dy2, W, A_p, B, gs_p, 1.0, False, False, tma=tma, g_in=gs_p)[0]
 
 
 def _padded(t: torch.Tensor, dim: int, size: int, dtype: torch.dtype) -> torch.Tensor:

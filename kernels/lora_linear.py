@@ -73,6 +73,11 @@ def _materialize_weight(weight, nf4, dtype):
     return _cast(weight, dtype)
 
 
+def _triton_ok(x2: torch.Tensor, W: torch.Tensor) -> bool:
+    """The Triton GEMM paths apply: Triton can run on these tensors, in a dtype tl.dot takes (16-bit or fp32)."""
+    return use_triton(x2, W) and x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and W.dtype == x2.dtype
+
+
 def _mm_scaled(a, b, alpha: float, out_dtype=None):
     """``alpha * a @ b`` in one GEMM (alpha folded into cuBLAS)."""
     out = torch.empty((a.shape[0], b.shape[1]), dtype=out_dtype or a.dtype, device=a.device)
@@ -137,6 +142,103 @@ def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.
     return c.to(out_dtype)
 
 
+@jit
+def _dy_pass_kernel(
+    DY, B, XA, GP, DBP, M, N, R, COLS_PER_GROUP,
+    sdm, sdn, sbn, sbr, sxm, sxr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+):
+    # One read of dy for both rank-r products of the backward. Program (i, j) owns rows [i BLOCK_M, +BLOCK_M) and
+    # the j-th group of COLS_PER_GROUP columns; per BLOCK_N-column step of its dy tile:
+    #   g_acc += dy[rows, cols] @ B[cols]           -> GP[j, rows]      (g = dy B: summed over the column groups)
+    #   DBP[i, cols] = dy[rows, cols]^T @ xa[rows]   (dB = dy^T xa: summed over the row blocks)
+    # Both partials are fp32 and summed afterwards in a fixed order (deterministic, no atomics).
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows64 = rows.to(tl.int64)
+    orr = tl.arange(0, BLOCK_R)
+    rrmask = orr < R
+    xa = tl.load(XA + rows64[:, None] * sxm + orr[None, :] * sxr, mask=rmask[:, None] & rrmask[None, :], other=0.0)
+    g = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    c0 = pid_c * COLS_PER_GROUP
+    c1 = tl.minimum(c0 + COLS_PER_GROUP, N)
+    for n0 in range(c0, c1, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < c1
+        dy = tl.load(DY + rows64[:, None] * sdm + cols[None, :] * sdn, mask=rmask[:, None] & cmask[None, :], other=0.0)
+        b = tl.load(B + cols[:, None] * sbn + orr[None, :] * sbr, mask=cmask[:, None] & rrmask[None, :], other=0.0)
+        if IEEE:
+            g = tl.dot(dy, b, g, input_precision="ieee")
+            db = tl.dot(tl.trans(dy), xa, input_precision="ieee")
+        else:
+            g = tl.dot(dy, b, g)
+            db = tl.dot(tl.trans(dy), xa)
+        tl.store(DBP + (pid_m * N + cols[:, None]).to(tl.int64) * BLOCK_R + orr[None, :], db, mask=cmask[:, None])
+    tl.store(GP + (pid_c * M + rows64[:, None]) * BLOCK_R + orr[None, :], g, mask=rmask[:, None])
+
+
+def _dy_pass_launch(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, column groups, warps) for the dy pass. Row blocks of 256 keep the dB partials (one
+    fp32 [N, r] row per block) at 1/8 of dy's bytes per 16 of rank (bf16); the columns are split into groups
+    until there are ~2 programs per SM (each group adds one fp32 [M, r] partial of g)."""
+    if device.type != "cuda":
+        return 16, 16, min(2, triton.cdiv(N, 16)), 4  # interpreter: several blocks and groups on small shapes
+    block_m, block_n = 256, 64
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    groups = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, triton.cdiv(M, block_m))))
+    return block_m, block_n, groups, 8
+
+
+def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy2 @ B, dy2^T @ xa)`` in fp32 from one read of dy2 ([M, N]; B [N, r], xa [M, r]): the two rank-r
+    products of a LoRA backward that read dy, which cuBLAS runs as two full passes over it."""
+    M, N = dy2.shape
+    R = B.shape[1]
+    block_r = max(16, next_pow2(R))
+    block_m, block_n, groups, warps = _dy_pass_launch(M, N, dy2.device)
+    cols = triton.cdiv(triton.cdiv(N, groups), block_n) * block_n
+    groups = triton.cdiv(N, cols)
+    row_blocks = triton.cdiv(M, block_m)
+    gp = torch.empty((groups, M, block_r), dtype=torch.float32, device=dy2.device)
+    dbp = torch.empty((row_blocks, N, block_r), dtype=torch.float32, device=dy2.device)
+    _dy_pass_kernel[(row_blocks, groups)](
+        dy2, B, xa, gp, dbp, M, N, R, cols,
+        dy2.stride(0), dy2.stride(1), B.stride(0), B.stride(1), xa.stride(0), xa.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=dy2.dtype == torch.float32,
+        num_warps=warps, num_stages=3 if dy2.is_cuda else 1,
+    )
+    g = gp[0] if groups == 1 else gp.sum(0)
+    db = dbp[0] if row_blocks == 1 else dbp.sum(0)
+    return g[:, :R], db[:, :R]
+
+
+# Which kernels run a 16-bit LoRA linear on a GPU (or the interpreter), per direction:
+#   fwd "epilogue": xa = x A^T (cuBLAS), then one Triton GEMM adding (s xa) B^T in its epilogue (lora_gemm);
+#       "cublas": the rank-r term written as y, then y += x W^T by cuBLAS (beta=1).
+#   dx  "epilogue": one Triton GEMM dy W adding (s g) A in its epilogue; "cublas": s g A, then += dy W (beta=1).
+#   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
+# "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
+PATHS: dict[str, str] = {"fwd": "auto", "dx": "auto", "dy": "auto"}
+
+
+def _paths(M: int, N: int, K: int, triton_ok: bool) -> tuple[str, str, str]:
+    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N]. auto: the Triton epilogue GEMMs where the tensor they
+    spare (the [M, N] rank-r term forward, [M, K] backward) is at least as large as the GEMM's other side
+    (N >= K forward, K >= N backward), the fused dy pass always."""
+    if not triton_ok:
+        return "cublas", "cublas", "cublas"
+    fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
+    if fwd == "auto":
+        fwd = "epilogue" if N >= K else "cublas"
+    if dx == "auto":
+        dx = "epilogue" if K >= N else "cublas"
+    if dy == "auto":
+        dy = "fused"
+    return fwd, dx, dy
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, nf4):
@@ -148,14 +250,21 @@ class LoRALinearFunction(torch.autograd.Function):
         A = _cast(lora_A, cdt)
         B = _cast(lora_B, cdt)
         b = _cast(bias, cdt)
+        paths = _paths(x2.shape[0], W.shape[0], K, _triton_ok(x2, W))
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = torch.mm(x2, A.t())
-            if b is not None:
-                y = torch.addmm(b, xa, B.t(), alpha=scale)
+            if paths[0] == "epilogue":
+                from .lora_gemm import gemm_rank_epilogue
+
+                y = gemm_rank_epilogue(x2, W, xa, B, b, scale)
             else:
-                y = _mm_scaled(xa, B.t(), scale)
-            y.addmm_(x2, W.t())
+                if b is not None:
+                    y = torch.addmm(b, xa, B.t(), alpha=scale)
+                else:
+                    y = _mm_scaled(xa, B.t(), scale)
+                y.addmm_(x2, W.t())
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B, bias)
+        ctx.paths = paths
         ctx.nf4 = nf4
         ctx.scale = scale
         ctx.cdt = cdt
@@ -173,20 +282,33 @@ class LoRALinearFunction(torch.autograd.Function):
         B = _cast(lora_B, cdt)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dw = db = dA = dB = None
+        _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
-            if need_x or need_a:
+            g = dB32 = None
+            if dy_path == "fused" and need_bb and (need_x or need_a):
+                g32, dB32 = _dy_pass(dy2, B, xa)  # one read of dy for g and dB
+                g = g32.to(cdt)
+            elif need_x or need_a:
                 g = torch.mm(dy2, B)  # [N, r]
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
-                dx = _mm_scaled(g, A, s)
-                dx.addmm_(dy2, W)
+                if dx_path == "epilogue":
+                    from .lora_gemm import gemm_dx_rank_epilogue
+
+                    dx = gemm_dx_rank_epilogue(dy2, W, (g32 * s).to(cdt) if dB32 is not None else g * s, A)
+                else:
+                    dx = _mm_scaled(g, A, s)
+                    dx.addmm_(dy2, W)
                 dx = dx.view(ctx.in_shape)
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if need_a:
                 dA = _skinny_tn(g, x2, s, lora_A.dtype)  # [r, K]
             if need_bb:
-                dB = _skinny_tn(xa, dy2, s, lora_B.dtype).t().contiguous()  # (xa^T dy)^T = dy^T xa: [M, r]
+                if dB32 is not None:
+                    dB = (dB32 * s).to(lora_B.dtype)
+                else:
+                    dB = _skinny_tn(xa, dy2, s, lora_B.dtype).t().contiguous()  # (xa^T dy)^T = dy^T xa: [M, r]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -109,3 +111,115 @@ def test_fp32_adapters_follow_in_place_optimizer_updates():
     opt.step()
     y1 = lora_linear(x, w, None, a, b, 0.5)
     assert not torch.allclose(y0.float(), y1.float())
+
+
+# ------------------------------------------------------------------ the Triton paths (epilogue GEMMs, fused dy pass)
+
+_PATH_SETS = [("epilogue", "epilogue", "fused"), ("cublas", "cublas", "cublas"), ("epilogue", "cublas", "cublas"),
+              ("cublas", "epilogue", "fused")]
+
+
+@pytest.mark.parametrize("paths", _PATH_SETS, ids=["-".join(p) for p in _PATH_SETS])
+@pytest.mark.parametrize("shape", [(39, 67, 45, 4), (33, 40, 72, 16)], ids=["odd-r4", "wide-r16"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, bias, dtype):
+    """Every forward / dx / dy kernel choice computes PEFT's LoRA linear (float64 reference), odd shapes included,
+    with x non-contiguous and fp32 adapters."""
+    mod = importlib.import_module("harness.kernels.lora_linear")  # (the package attribute is the function)
+
+    for key, value in zip(("fwd", "dx", "dy"), paths):
+        monkeypatch.setitem(mod.PATHS, key, value)
+    T, K, N, r = shape
+    s = 0.5
+    x = torch.randn(3, T, K, dtype=dtype).transpose(0, 1).requires_grad_(True)
+    W = (torch.randn(N, K) / K**0.5).to(dtype)
+    b = torch.randn(N).to(dtype) if bias else None
+    A = (torch.randn(r, K) / K**0.5).requires_grad_(True)
+    B = torch.randn(N, r).requires_grad_(True)
+    dy = torch.randn(T, 3, N, dtype=dtype)
+    y, dx, dA, dB = _grads(lambda: lora_linear(x, W, b, A, B, s), x, A, B, dy)
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    yr, dxr, dAr, dBr = _grads(
+        lambda: lora_linear_reference(x64, W.double(), None if b is None else b.double(), A64, B64, s),
+        x64, A64, B64, dy.double(),
+    )
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, e, n in [(y, yr, "y"), (dx, dxr, "dx"), (dA, dAr, "dA"), (dB, dBr, "dB")]:
+        close(a, e, tol, tol * 5 if dtype == torch.float16 else tol, n)
+
+
+def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor():
+    """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
+    K >= N, the fused dy pass always; plain cuBLAS everywhere when Triton cannot run."""
+    from harness.kernels.lora_linear import _paths
+
+    assert _paths(8192, 18944, 3584, True) == ("epilogue", "cublas", "fused")  # MLP up / gate
+    assert _paths(8192, 3584, 18944, True) == ("cublas", "epilogue", "fused")  # MLP down
+    assert _paths(8192, 1536, 1536, True) == ("epilogue", "epilogue", "fused")  # square q / o
+    assert _paths(8192, 1536, 1536, False) == ("cublas", "cublas", "cublas")
+
+
+@pytest.mark.parametrize("M,N,r", [(37, 50, 4), (64, 33, 16), (5, 130, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dy_pass_matches_torch(cpu_interp, seed, close, M, N, r, dtype):
+    """g = dy B and dB = dy^T xa from one read of dy: several row blocks and column groups (partials summed),
+    ragged edges, rank padded to 16 / 32, dy non-contiguous."""
+    from harness.kernels.lora_linear import _dy_pass
+
+    dy = torch.randn(N, M, dtype=dtype).t()  # non-contiguous [M, N]
+    B = torch.randn(N, r, dtype=dtype)
+    xa = torch.randn(M, r, dtype=dtype)
+    g, db = _dy_pass(dy, B, xa)
+    assert g.dtype == db.dtype == torch.float32 and g.shape == (M, r) and db.shape == (N, r)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    close(g, dy.double() @ B.double(), tol, tol, "g")
+    close(db, dy.double().t() @ xa.double(), tol, tol, "dB")
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("shape", [(37, 67, 45, 4), (40, 72, 48, 16)], ids=["odd-r4", "aligned-r16"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_rank_epilogue_gemms(cpu_interp, seed, close, tma, shape, bias):
+    """The plain Triton GEMMs with the rank-r product in the epilogue: y = x W^T + b + s xa B^T and
+    dx = dy W + gs A, both kernel families (TMA in the interpreter needs 16-byte aligned rows: the aligned shape)."""
+    from harness.kernels.lora_gemm import gemm_dx_rank_epilogue, gemm_rank_epilogue
+
+    M, K, N, r = shape
+    if tma and (K % 8 or N % 8):
+        pytest.skip("TMA descriptors need 16-byte aligned rows")
+    x, W = torch.randn(M, K), torch.randn(N, K) / K**0.5
+    xa, B = torch.randn(M, r), torch.randn(N, r)
+    b = torch.randn(N) if bias else None
+    y = gemm_rank_epilogue(x, W, xa, B, b, 0.25, tma=tma)
+    ref = x.double() @ W.double().t() + 0.25 * xa.double() @ B.double().t() + (0 if b is None else b.double())
+    close(y, ref, 1e-5, 1e-5, "y")
+    dy, gs, A = torch.randn(M, N), torch.randn(M, r), torch.randn(r, K)
+    dx = gemm_dx_rank_epilogue(dy, W, gs, A, tma=tma)
+    close(dx, dy.double() @ W.double() + gs.double() @ A.double(), 1e-5, 1e-5, "dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paths", _PATH_SETS[:2], ids=["-".join(p) for p in _PATH_SETS[:2]])
+@pytest.mark.parametrize("K,N", [(1536, 1536), (3584, 18944), (18944, 3584), (1000, 333)])
+def test_lora_paths_bf16_gpu(cuda, rel, monkeypatch, paths, K, N):
+    """bf16 at real shapes (and a ragged one) through the Triton epilogue GEMMs + fused dy pass and through cuBLAS:
+    relative error of y, dx, dA, dB under 2e-2 against fp32; a second call gives the same (fresh partial sums)."""
+    mod = importlib.import_module("harness.kernels.lora_linear")  # (the package attribute is the function)
+
+    for key, value in zip(("fwd", "dx", "dy"), paths):
+        monkeypatch.setitem(mod.PATHS, key, value)
+    torch.manual_seed(K + N)
+    T, r, s = 4096, 16, 2.0
+    x = torch.randn(T, K, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device=cuda, dtype=torch.bfloat16) / K**0.5
+    A = (torch.randn(r, K, device=cuda) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=cuda) * 0.1).requires_grad_(True)
+    dy = torch.randn(T, N, device=cuda, dtype=torch.bfloat16)
+    out = _grads(lambda: lora_linear(x, W, None, A, B, s), x, A, B, dy)
+    again = _grads(lambda: lora_linear(x, W, None, A, B, s), x, A, B, dy)
+    x32 = x.detach().float().requires_grad_(True)
+    ref = _grads(lambda: lora_linear_reference(x32, W.float(), None, A, B, s), x32, A, B, dy.float())
+    for a, b2, e in zip(out, again, ref):
+        assert rel(a, e) < 2e-2
+        assert torch.equal(a, b2)
