@@ -74,8 +74,10 @@ def _materialize_weight(weight, nf4, dtype):
 
 
 def _triton_ok(x2: torch.Tensor, W: torch.Tensor) -> bool:
-    """The Triton GEMM paths apply: Triton can run on these tensors, in a dtype tl.dot takes (16-bit or fp32)."""
-    return use_triton(x2, W) and x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and W.dtype == x2.dtype
+    """The Triton GEMM paths apply: Triton can run on these tensors, in a dtype tl.dot takes (16-bit or fp32; bf16
+    only on a GPU: the CPU interpreter's bf16 ``tl.dot`` returns garbage)."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) if x2.is_cuda else (torch.float16, torch.float32)
+    return use_triton(x2, W) and x2.dtype in dtypes and W.dtype == x2.dtype
 
 
 def _mm_scaled(a, b, alpha: float, out_dtype=None):

@@ -14,7 +14,10 @@ in-place add stays in place:
   ``dx = s g A``, ``dx += dy W`` in place; ``dA = s g^T x``; ``dB = s dy^T xa``. ``W`` frozen; bias and
   weight gradients, when asked for, come from the autograd wrapper.
 
-Both run cuBLAS only (deterministic: no atomics), in the inputs' dtype, for 2-D ``x``. The reference is
+On a GPU (and under the interpreter) they take the kernel paths of :data:`harness.kernels.lora_linear.PATHS`:
+the Triton GEMMs with the rank-r product in their epilogue (forward where ``N >= K``, dx where ``K >= N``, for a
+contiguous ``w``) and the fused dy pass (``g`` and ``dB`` from one read of dy); elsewhere cuBLAS. Deterministic
+either way: no atomics, partial sums in a fixed order. In the inputs' dtype, for 2-D ``x``. The reference is
 :func:`harness.kernels.lora_linear.lora_linear_reference`; tests compare the two, eager and compiled.
 """
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .lora_linear import _mm_scaled
+from .lora_linear import _dy_pass, _mm_scaled, _paths, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -32,9 +35,19 @@ __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
             s: float) -> tuple[torch.Tensor, torch.Tensor]:
     xa = torch.mm(x, A.t())
+    if _op_paths(x, w)[0] == "epilogue":
+        from .lora_gemm import gemm_rank_epilogue
+
+        return gemm_rank_epilogue(x, w, xa, B, b, s), xa
     y = torch.addmm(b, xa, B.t(), alpha=s) if b is not None else _mm_scaled(xa, B.t(), s)
     y.addmm_(x, w.t())
     return y, xa
+
+
+def _op_paths(x: torch.Tensor, w: torch.Tensor) -> tuple[str, str, str]:
+    """lora_linear's (fwd, dx, dy) kernel paths for ``x [M, K] -> [M, N]``; the Triton GEMMs only for a contiguous
+    ``w`` (the tiled MLP's backward passes ``W^T`` views, which would take the slower pointer-load kernels)."""
+    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous())
 
 
 @lora_mm.register_fake
@@ -46,14 +59,26 @@ def _(x, w, b, A, B, s):
 def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      xa: torch.Tensor, s: float, need_x: bool, need_a: bool,
                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.mm(dy, B)  # [N, r]
-    if need_x:
+    _, dx_path, dy_path = _op_paths(x, w)
+    dB = B.new_empty((0,))
+    if dy_path == "fused" and need_b and (need_x or need_a):
+        g32, dB32 = _dy_pass(dy, B, xa)  # one read of dy for both
+        g, dB = g32.to(dy.dtype), (dB32 * s).to(B.dtype)
+    else:
+        g32 = None
+        g = torch.mm(dy, B)  # [N, r]
+        if need_b:
+            dB = _mm_scaled(dy.t(), xa, s)
+    if not need_x:
+        dx = x.new_empty((0,))
+    elif dx_path == "epilogue":
+        from .lora_gemm import gemm_dx_rank_epilogue
+
+        dx = gemm_dx_rank_epilogue(dy, w, (g32 * s).to(dy.dtype) if g32 is not None else g * s, A)
+    else:
         dx = _mm_scaled(g, A, s)
         dx.addmm_(dy, w)
-    else:
-        dx = x.new_empty((0,))
     dA = _mm_scaled(g.t(), x, s) if need_a else A.new_empty((0,))
-    dB = _mm_scaled(dy.t(), xa, s) if need_b else B.new_empty((0,))
     return dx, dA, dB
 
 

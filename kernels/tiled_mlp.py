@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .lora_op import lora_mm
+from .lora_op import lora_mm, lora_mm_backward
 
 __all__ = ["tiled_gated_mlp", "gated_mlp_reference", "TiledGatedMLPFunction", "recomputing", "mlp_ends_layer",
            "TILE_ROWS"]
@@ -105,11 +105,15 @@ def _proj_bwd(dy, x, W, A, B, s, grads, ia, ib, op=False, xa=None):
         return dy @ W.to(dy.dtype)
     Ad, Bd = A.to(dy.dtype), B.to(dy.dtype)
     if op:
-        # dx = dy W + s (dy B) A: the op's forward with x=dy, w=W^T, A=B^T, B=A^T; gB = dy B comes back too
-        dx, gB = lora_mm(dy, W.to(dy.dtype).t(), None, Bd.t(), Ad.t(), float(s))  # gB: [n, r]
-    else:
-        gB = dy @ Bd                                   # [n, r]
-        dx = torch.addmm(dy @ W.to(dy.dtype), gB, Ad, alpha=s)
+        # the LoRA linear's backward op: dx = dy W + s (dy B) A in place, dA, dB (g and dB from one read of dy on a
+        # GPU, see kernels/lora_op.py)
+        dx, dA, dB = lora_mm_backward(dy, x, W.to(dy.dtype), Ad, Bd, x @ Ad.t() if xa is None else xa, float(s),
+                                      True, True, True)
+        grads[ia] += dA.float()
+        grads[ib] += dB.float()
+        return dx
+    gB = dy @ Bd                                   # [n, r]
+    dx = torch.addmm(dy @ W.to(dy.dtype), gB, Ad, alpha=s)
     grads[ia] += s * (gB.t() @ x).float()          # [r, in]
     grads[ib] += s * (dy.t() @ (x @ Ad.t() if xa is None else xa)).float()  # [out, r]
     return dx
