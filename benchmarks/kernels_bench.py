@@ -394,6 +394,8 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
         note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; auto paths {auto}")
     lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
     if adapter_dtype == DT:
+        lora_parts(shape, x.detach(), W, A.detach(), B.detach(), dy, s)
+    if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
     else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
         peft_fn = lambda: (F.linear(x, W) + F.linear(F.linear(x.float(), A), B) * s).to(DT)  # noqa: E731
@@ -443,6 +445,33 @@ def lora_paths_sweep(shape, fn, inputs, dy, base_b):
                     LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="auto")
                 row(f"  lora_linear paths {fwd}/{dx}/{dyp}", shape, t,
                     note=f"overhead vs base {100 * (t[0] / base_b[0] - 1):+.1f}%{kernel_note(t, base_b)}")
+
+
+def lora_parts(shape, x, W, A, B, dy, s):
+    """GPU kernel time of each part of the Triton paths beside what it replaces (one line each, "lora part"): where
+    the overhead over the two cuBLAS base GEMMs sits."""
+    from harness.kernels.lora_gemm import gemm_dx_rank_epilogue, gemm_rank_epilogue
+
+    xa = x @ A.t()
+    g = (dy @ B) * s
+    parts = {
+        "cuBLAS x W^T": lambda: x @ W.t(),
+        "epilogue GEMM x W^T + s xa B^T": lambda: gemm_rank_epilogue(x, W, xa, B, None, s),
+        "Triton x W^T (no LoRA)": lambda: base_gemm(x, W),
+        "cuBLAS y = s xa B^T; y += x W^T": lambda: torch.mm(xa, B.t()).addmm_(x, W.t()),
+        "cuBLAS dy W": lambda: dy @ W,
+        "epilogue GEMM dy W + gs A": lambda: gemm_dx_rank_epilogue(dy, W, g, A),
+        "Triton dy W (no LoRA)": lambda: base_gemm_dx(dy, W),
+        "cuBLAS dx = gs A; dx += dy W": lambda: torch.mm(g, A).addmm_(dy, W),
+        "xa = x A^T (cuBLAS)": lambda: x @ A.t(),
+        "fused dy pass (g, dB)": lambda: LORA_LINEAR._dy_pass(dy, B, xa),
+        "g = dy B (cuBLAS)": lambda: dy @ B,
+        "dB = dy^T xa (split-K)": lambda: LORA_LINEAR._skinny_tn(xa, dy, s, DT),
+        "dA = g^T x (split-K)": lambda: LORA_LINEAR._skinny_tn(g, x, s, DT),
+    }
+    for name, fn in parts.items():
+        t = gbench(fn)
+        print(f"  lora part {shape} {name}: {t * 1e3:.1f} us" if t else f"  lora part {shape} {name}: n/a", flush=True)
 
 
 def bench_lora_qkv(N, H, r=16):
@@ -553,6 +582,8 @@ def main():
             bench_lora(N, H, H, nf4=nf4.get(H))
         bench_lora(N, 3584, 18944)
         bench_lora(N, 18944, 3584)
+        bench_lora(2048, 1536, 8960)  # the anchor's tiled-MLP projections: 2,048-row tiles, Qwen2-VL-2B gate/up, down
+        bench_lora(2048, 8960, 1536)
         bench_lora(N, 3584, 3584, adapter_dtype=torch.float32)
         for H in hiddens:
             bench_lora_qkv(N, H)

@@ -25,6 +25,7 @@ gate/up): one concatenated ``x @ [A_1; A_2; ...]^T`` in forward, one ``dx`` accu
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -223,6 +224,29 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torc
 #   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
 # "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
 PATHS: dict[str, str] = {"fwd": "auto", "dx": "auto", "dy": "auto"}
+_CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"), "dy": ("auto", "fused", "cublas")}
+
+
+def set_paths(spec: str) -> dict[str, str]:
+    """Set :data:`PATHS` from ``"cublas"`` / ``"auto"`` (all three) or ``"fwd=epilogue,dx=cublas,dy=fused"``; a bad
+    name or value raises, naming the choices. The environment variable ``HARNESS_LORA_PATHS`` is read at import
+    (benchmark A/Bs in separate processes)."""
+    spec = spec.strip()
+    if spec in ("auto", "cublas"):
+        PATHS.update(fwd=spec, dx=spec, dy=spec)
+        return PATHS
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in _CHOICES or value not in _CHOICES[key]:
+            raise ValueError(f"lora paths: {item!r} (allowed: auto, cublas, or comma-separated "
+                             + "; ".join(f"{k}={'|'.join(v)}" for k, v in _CHOICES.items()) + ")")
+        PATHS[key] = value
+    return PATHS
+
+
+if os.environ.get("HARNESS_LORA_PATHS"):
+    set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
 def _paths(M: int, N: int, K: int, triton_ok: bool) -> tuple[str, str, str]:

@@ -223,3 +223,13 @@ def test_lora_paths_bf16_gpu(cuda, rel, monkeypatch, paths, K, N):
     for a, b2, e in zip(out, again, ref):
         assert rel(a, e) < 2e-2
         assert torch.equal(a, b2)
+
+
+def test_set_paths_parses_and_refuses_bad_values(monkeypatch):
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
+    assert mod.set_paths("cublas") == {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
+    assert mod.set_paths("fwd=epilogue, dy=fused") == {"fwd": "epilogue", "dx": "cublas", "dy": "fused"}
+    assert mod._paths(64, 32, 128, True) == ("epilogue", "cublas", "fused")
+    with pytest.raises(ValueError, match=r"dy=fast.*allowed.*dy=auto\|fused\|cublas"):
+        mod.set_paths("dy=fast")
