@@ -389,9 +389,9 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     row("base matmul fwd+bwd (cuBLAS)", shape, base_b)
     fused_b = both(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
     base, fused = base_b[0], fused_b[0]
-    auto = "/".join(LORA_LINEAR._paths(N, M, K, True))
+    paths = "/".join(LORA_LINEAR._paths(N, M, K, True))
     row("lora_linear fused fwd+bwd", shape, fused_b,
-        note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; auto paths {auto}")
+        note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; paths {paths}")
     lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
     if adapter_dtype == DT:
         lora_parts(shape, x.detach(), W, A.detach(), B.detach(), dy, s)
@@ -435,6 +435,7 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
 def lora_paths_sweep(shape, fn, inputs, dy, base_b):
     """lora_linear fwd+bwd under every (fwd, dx, dy) kernel choice of harness.kernels.lora_linear.PATHS (cublas/
     cublas/cublas is the path before the Triton epilogue GEMMs and the fused dy pass), beside the cuBLAS base."""
+    before = dict(LORA_LINEAR.PATHS)
     for fwd in ("cublas", "epilogue"):
         for dx in ("cublas", "epilogue"):
             for dyp in ("cublas", "fused"):
@@ -442,7 +443,7 @@ def lora_paths_sweep(shape, fn, inputs, dy, base_b):
                 try:
                     t = both(grad_fn(fn, inputs, dy))
                 finally:
-                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="auto")
+                    LORA_LINEAR.PATHS.update(before)
                 row(f"  lora_linear paths {fwd}/{dx}/{dyp}", shape, t,
                     note=f"overhead vs base {100 * (t[0] / base_b[0] - 1):+.1f}%{kernel_note(t, base_b)}")
 

@@ -1,16 +1,26 @@
 """Fused LoRA linear: ``y = x W^T (+ b) + s * (x A^T) B^T`` with W frozen.
 
-Forward (3 cuBLAS calls, no separate scale/add kernels, no fp32 round trips)::
+Forward, "cublas" path (3 cuBLAS calls, no separate scale/add kernels, no fp32 round trips)::
 
     xa = x @ A^T                           # [N, r], kept for backward
     y  = addmm(b, xa, B^T, alpha=s)        # the rank-r term (and bias) written once
     y += x @ W^T                           # big GEMM, beta=1 folds the add into its epilogue
 
-Backward (dX, dA, dB; dW / db only if they require grad)::
+Backward, "cublas" path (dX, dA, dB; dW / db only if they require grad)::
 
     g  = dy @ B                            # [N, r]
     dx = s * g @ A;  dx += dy @ W          # beta=1 again
     dA = s * g^T @ x;  dB = s * dy^T @ xa
+
+Beside cuBLAS every rank-r product is a full pass over an activation, and the beta=1 adds cost two more (the
+rank-r term written as an [N, out] or [N, in] tensor, then read back as the GEMM's C). So on a GPU (and in the
+interpreter) :data:`PATHS` can take instead (``"auto"`` picks per shape, :func:`_paths`):
+
+* forward "epilogue": ``xa`` by cuBLAS, then one Triton GEMM (:func:`harness.kernels.lora_gemm.gemm_rank_epilogue`)
+  adding ``(s xa) B^T`` and the bias in its epilogue: y written once, never re-read;
+* dx "epilogue": one Triton GEMM ``dy W`` adding ``(s g) A`` in its epilogue;
+* dy "fused": ``g = dy B`` and ``dB = dy^T xa`` from one read of dy (:func:`_dy_pass`; fp32 partials summed in a
+  fixed order).
 
 Adapters stored in fp32 (PEFT's ``autocast_adapter_dtype``) are cast to the activation dtype
 for the matmuls (tiny ``[r, K]`` casts), and their grads are returned in their own dtype.
@@ -223,7 +233,9 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torc
 #   dx  "epilogue": one Triton GEMM dy W adding (s g) A in its epilogue; "cublas": s g A, then += dy W (beta=1).
 #   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
 # "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
-PATHS: dict[str, str] = {"fwd": "auto", "dx": "auto", "dy": "auto"}
+# Default: cublas, the path every GPU number in docs/ was measured with; the Triton paths are opt-in
+# (HARNESS_LORA_PATHS=auto or set_paths) until a GPU run shows where they win.
+PATHS: dict[str, str] = {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
 _CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"), "dy": ("auto", "fused", "cublas")}
 
 

@@ -1,6 +1,8 @@
 """harness::lora_mm (kernels/lora_op.py): the compiled layers' LoRA linear as an opaque op, against PEFT's math,
 eager and through torch.compile, forward and backward, odd shapes, with and without bias."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -36,10 +38,18 @@ def _ref(x, w, b, A, B, s):
     return lora_linear_reference(x, w, b, A, B, s)
 
 
+@pytest.fixture(params=["cublas", "auto"])
+def lora_paths(request, monkeypatch):
+    """The op's kernel paths: cuBLAS, and (in the interpreter on CPU) the Triton epilogue GEMMs + fused dy pass."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "PATHS", dict.fromkeys(("fwd", "dx", "dy"), request.param))
+    return request.param
+
+
 @pytest.mark.parametrize("n,k,m,r", [(37, 19, 23, 3), (64, 48, 80, 16), (5, 130, 7, 8)])
 @pytest.mark.parametrize("bias,train_bias", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("transposed_x", [False, True])
-def test_lora_mm_matches_peft_math(n, k, m, r, bias, train_bias, transposed_x):
+def test_lora_mm_matches_peft_math(n, k, m, r, bias, train_bias, transposed_x, lora_paths):
     x, w, b, A, B, dy = _case(n, k, m, r, bias, seed=n + k + m + r, transposed_x=transposed_x)
     got = _grads(_ours, x, w, b, A, B, dy, 0.37, train_bias)
     ref = _grads(_ref, x, w, b, A, B, dy, 0.37, train_bias)
@@ -64,7 +74,7 @@ def test_lora_mm_fp16_and_frozen_input():
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_lora_mm_compiled_matches_eager(backend):
+def test_lora_mm_compiled_matches_eager(backend, lora_paths):
     torch._dynamo.reset()
     x, w, b, A, B, dy = _case(29, 24, 40, 8, True, seed=7)
 

@@ -1,5 +1,7 @@
 """The tiled gated MLP (kernels/tiled_mlp.py): its explicit backward against autograd on the unfused
 module, the recompute skip, and whole-model gradients with every checkpointing path (fp32, CPU)."""
+import importlib
+
 import pytest
 import torch
 
@@ -26,9 +28,13 @@ def _weights(H, I, r, lora, dtype=torch.float32):
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("lora", [(True, True, True), (True, False, True), (False, False, True)])
 @pytest.mark.parametrize("rows", [23, 4])
-@pytest.mark.parametrize("op", [False, True])  # LoRA sums as traced addmm / in the harness::lora_mm op
+@pytest.mark.parametrize("op", [False, True, "triton"])  # traced addmm / the harness::lora_mm op (cuBLAS / Triton paths)
 def test_tiled_mlp_matches_autograd_fp32(seed, monkeypatch, close, act, lora, rows, op):
     monkeypatch.setattr(tm, "TILE_ROWS", 4)  # 23 rows -> 8 tiles of 2-3 rows; 4 rows -> 1 tile
+    if op == "triton":  # the op on lora_linear's Triton paths (epilogue GEMMs, fused dy pass) in the interpreter
+        monkeypatch.setattr(importlib.import_module("harness.kernels.lora_linear"), "PATHS",
+                            dict.fromkeys(("fwd", "dx", "dy"), "auto"))
+        op = True
     H, I, r = 24, 40, 4
     W, ads = _weights(H, I, r, lora)
     x = torch.randn(1, rows, H, requires_grad=True)
