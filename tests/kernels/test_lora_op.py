@@ -112,9 +112,9 @@ def test_lora_mm_is_opaque_to_the_compiler():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("hidden,out", [(1536, 8960), (3584, 512)])
+@pytest.mark.parametrize("hidden,out", [(1536, 8960), (3584, 512), (8960, 1536)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_lora_mm_bf16_gpu(cuda, rel, hidden, out, compiled):
+def test_lora_mm_bf16_gpu(cuda, rel, hidden, out, compiled, lora_paths):
     """Real shapes (Qwen2-VL-2B MLP up, Qwen2-VL-7B k_proj), bf16 with bf16 adapters as the compiled layers cast
     them, against the fp32 reference: relative error within bf16 rounding."""
     torch._dynamo.reset()
