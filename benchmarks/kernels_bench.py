@@ -376,7 +376,7 @@ def bench_nf4(copy_bw, M, K):
     return packed, qs
 
 
-def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
+def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
     adapter_dtype = adapter_dtype or DT
     x = torch.randn(N, K, device=DEV, dtype=DT, requires_grad=True)
     W = torch.randn(M, K, device=DEV, dtype=DT) / K**0.5
@@ -395,6 +395,18 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None):
     lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
     if adapter_dtype == DT:
         lora_parts(shape, x.detach(), W, A.detach(), B.detach(), dy, s)
+    if paths_only:  # the spot check of every path, then done
+        x32, A32, B32 = (t.detach().float().requires_grad_(True) for t in (x, A, B))
+        ref = torch.autograd.grad(lora_linear_reference(x32, W.float(), None, A32, B32, s), (x32, A32, B32), dy.float())
+        for spec in ("cublas", "fwd=epilogue,dx=epilogue,dy=fused"):
+            before = dict(LORA_LINEAR.PATHS)
+            LORA_LINEAR.set_paths(spec)
+            try:
+                got = torch.autograd.grad(lora_linear(x, W, None, A, B, s), (x, A, B), dy)
+            finally:
+                LORA_LINEAR.PATHS.update(before)
+            check(f"lora paths {spec} dx/dA/dB {shape}", max(rel(a, b) for a, b in zip(got, ref)), 2e-2)
+        return base, fused
     if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731
     else:  # PEFT with fp32 adapters: x cast to fp32 for the LoRA path, result cast back
@@ -540,6 +552,8 @@ def main():
     ap.add_argument("--tune", action="store_true",
                     help="sweep the RMSNorm backward and RoPE launch shapes first (those of --only's rms, rope)")
     ap.add_argument("--tune-only", action="store_true", help="the --tune sweeps alone, then exit")
+    ap.add_argument("--lora-paths", action="store_true",
+                    help="lora group: the LoRA-linear kernel paths and their parts alone, at the real shapes")
     args = ap.parse_args()
     only = set(args.only.split(","))
     assert torch.cuda.is_available(), "needs CUDA"
@@ -578,7 +592,11 @@ def main():
         for H in hiddens:
             nf4[H] = bench_nf4(copy_bw, H, H)
             bench_nf4(copy_bw, inters[H], H)
-    if "lora" in only:
+    if "lora" in only and args.lora_paths:
+        for N_, K_, M_ in ((N, 1536, 1536), (N, 3584, 3584), (N, 3584, 18944), (N, 18944, 3584), (2048, 1536, 8960),
+                           (2048, 8960, 1536)):
+            bench_lora(N_, K_, M_, paths_only=True)
+    elif "lora" in only:
         for H in hiddens:
             bench_lora(N, H, H, nf4=nf4.get(H))
         bench_lora(N, 3584, 18944)
