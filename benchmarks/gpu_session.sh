@@ -9,6 +9,7 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tprofile   # ~2 min: the same through the Trainer
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
 #   AB="; --no-lora-op" ROUNDS=2 bash benchmarks/gpu_session.sh ab    # harness16 variants, one process each (here: kernels.lora_op off)
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh paths      # ~7 min: kernels.lora_paths tests, sweep, A/B
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
 # Everything it prints is also written under $OUT (or ./gpu_out), one file per part.
@@ -57,10 +58,24 @@ case "$part" in
         timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack harness16 $v 2>&1 | tail -1
       done
     done | tee "$out/ab.txt" ;;
+  paths)  # kernels.lora_paths: GPU tests of the Triton LoRA paths, their kernel sweep (y/dx/dA/dB checked), then the
+    # anchor A/B auto vs cublas, ROUNDS rounds alternating the order, whole JSON rows (loss included) kept
+    python3 -m pytest -q -m gpu tests/kernels/test_lora_linear.py tests/kernels/test_lora_op.py \
+      tests/kernels/test_tiled_mlp.py 2>&1 | tail -15 | tee "$out/paths_tests.txt"
+    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/kernels_bench.py --quick --only lora --lora-paths --out "$out" \
+      > "$out/paths_kernels.txt" 2>&1; grep -E "check|lora_linear paths e.*/e.*/f|lora_linear paths cublas/cublas/cublas" \
+      "$out/paths_kernels.txt"
+    for round in $(seq "${ROUNDS:-2}"); do
+      order="auto cublas"; [ $((round % 2)) = 0 ] && order="cublas auto"
+      for v in $order; do
+        echo "## round $round: HARNESS_LORA_PATHS=$v"
+        HARNESS_LORA_PATHS=$v timeout "${STACK_TIMEOUT:-90}" python3 -m harness.bench --stack harness16 2>&1 | tail -1
+      done
+    done | tee "$out/paths_ab.txt" ;;
   tune)  # RMSNorm backward / RoPE launch-shape sweeps only
     python3 benchmarks/kernels_bench.py --tune-only 2>&1 | tee "$out/tune.txt" ;;
   kernels)
     python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|tprofile|ab|longest|tune|kernels" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|tprofile|ab|longest|paths|tune|kernels" >&2; exit 2 ;;
 esac

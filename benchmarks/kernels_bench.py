@@ -389,7 +389,7 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
     row("base matmul fwd+bwd (cuBLAS)", shape, base_b)
     fused_b = both(grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
     base, fused = base_b[0], fused_b[0]
-    paths = "/".join(LORA_LINEAR._paths(N, M, K, True))
+    paths = "/".join(LORA_LINEAR._paths(N, M, K, True, torch.cuda.get_device_properties(0).multi_processor_count))
     row("lora_linear fused fwd+bwd", shape, fused_b,
         note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; paths {paths}")
     lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
@@ -397,15 +397,17 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
         lora_parts(shape, x.detach(), W, A.detach(), B.detach(), dy, s)
     if paths_only:  # the spot check of every path, then done
         x32, A32, B32 = (t.detach().float().requires_grad_(True) for t in (x, A, B))
-        ref = torch.autograd.grad(lora_linear_reference(x32, W.float(), None, A32, B32, s), (x32, A32, B32), dy.float())
+        yr = lora_linear_reference(x32, W.float(), None, A32, B32, s)
+        ref = (yr, *torch.autograd.grad(yr, (x32, A32, B32), dy.float()))
         for spec in ("cublas", "fwd=epilogue,dx=epilogue,dy=fused"):
             before = dict(LORA_LINEAR.PATHS)
             LORA_LINEAR.set_paths(spec)
             try:
-                got = torch.autograd.grad(lora_linear(x, W, None, A, B, s), (x, A, B), dy)
+                y = lora_linear(x, W, None, A, B, s)
+                got = (y, *torch.autograd.grad(y, (x, A, B), dy))
             finally:
                 LORA_LINEAR.PATHS.update(before)
-            check(f"lora paths {spec} dx/dA/dB {shape}", max(rel(a, b) for a, b in zip(got, ref)), 2e-2)
+            check(f"lora paths {spec} y/dx/dA/dB {shape}", max(rel(a, b) for a, b in zip(got, ref)), 2e-2)
         return base, fused
     if adapter_dtype == DT:
         peft_fn = lambda: lora_linear_reference(x, W, None, A, B, s)  # noqa: E731

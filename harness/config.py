@@ -190,6 +190,10 @@ class KernelsConfig:
     # addmm (1,108 copies, 12.75 ms of a 172 ms step in the 2026-12-05 H100 profile). On: +8.3% tokens/s on the
     # anchor workload, same loss and peak (H100, 2026-12-06, docs/benchmarks.md); false: traced addmm
     lora_op: bool = True
+    # the LoRA linears' kernels on a GPU (kernels/lora_linear.py PATHS): cublas (the measured default) | auto (Triton
+    # GEMMs with the rank-r product in their epilogue and one read of dy for g and dB where they win: +2.4% tokens/s
+    # on the anchor workload, H200, 2026-12-06; opt-in until a GPU loss A/B and the GPU tests have run)
+    lora_paths: str = "cublas"
     # Qwen2-VL family: M-RoPE positions, vision segments and image-token slots computed by the collator on the
     # host, so the forward never waits on the GPU (harness/host_prep.py); on any device unless enabled=false
     host_prep: bool = True
@@ -417,6 +421,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     run.kernels.compile = str(run.kernels.compile).lower()
     _choice("kernels.compile", run.kernels.compile, KERNEL_SWITCH)
     _choice("kernels.compile_mode", run.kernels.compile_mode, COMPILE_MODES)
+    _choice("kernels.lora_paths", run.kernels.lora_paths, ("cublas", "auto"))
     run.kernels.cuda_graphs = str(run.kernels.cuda_graphs).lower()
     _choice("kernels.cuda_graphs", run.kernels.cuda_graphs, KERNEL_SWITCH)
     if run.mode in ("eval", "infer", "report", "replay") and not run.path:

@@ -82,6 +82,7 @@ def accelerate(run: RunConfig, model) -> dict:
     cfg = dict(enabled={"auto": "auto", "true": True}[k.enabled], lora=k.lora, rms_norm=k.rms_norm, rope=k.rope,
                swiglu=k.swiglu, cross_entropy=k.cross_entropy, compile=k.compile != "false",
                compile_mode=k.compile_mode, combo_kernels=k.combo_kernels, lora_op=k.lora_op,
+               lora_paths=k.lora_paths,
                # tiling saves memory by recomputing the MLP in backward: free under checkpointing (the
                # recompute skips it), a cost without
                tiled_mlp=k.tiled_mlp and checkpointing_mode(run.train.gradient_checkpointing,

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._triton_utils import jit, next_pow2, tl, triton, use_triton
+from ._triton_utils import jit, next_pow2, num_sms, tl, triton, use_triton
 from .nf4_dequant import dequantize_nf4
 
 __all__ = [
@@ -233,8 +233,9 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torc
 #   dx  "epilogue": one Triton GEMM dy W adding (s g) A in its epilogue; "cublas": s g A, then += dy W (beta=1).
 #   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
 # "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
-# Default: cublas, the path every GPU number in docs/ was measured with; the Triton paths are opt-in
-# (HARNESS_LORA_PATHS=auto or set_paths) until a GPU run shows where they win.
+# Default: cublas, the path every training number in docs/ was measured with. The Triton paths are opt-in
+# (kernels.lora_paths=auto, HARNESS_LORA_PATHS=auto or set_paths): +2.4% tokens/s on the anchor workload (H200,
+# two rounds), kernels checked in bf16 at six real shapes, but the GPU tests and a loss A/B have not run yet.
 PATHS: dict[str, str] = {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
 _CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"), "dy": ("auto", "fused", "cublas")}
 
@@ -261,17 +262,24 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool) -> tuple[str, str, str]:
-    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N]. auto: the Triton epilogue GEMMs where the tensor they
-    spare (the [M, N] rank-r term forward, [M, K] backward) is at least as large as the GEMM's other side
-    (N >= K forward, K >= N backward), the fused dy pass always."""
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int = 132) -> tuple[str, str, str]:
+    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
+    the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
+    least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
+    at least twice over in 128 x 256 tiles; the fused dy pass always. Measured on an H200 (docs/kernels.md, run 7):
+    the epilogue GEMMs win at every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one
+    wave: cuBLAS splits K there, our GEMM does not)."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
+
+    def fills(cols: int) -> bool:
+        return triton.cdiv(M, 128) * triton.cdiv(cols, 256) >= 2 * sms
+
     if fwd == "auto":
-        fwd = "epilogue" if N >= K else "cublas"
+        fwd = "epilogue" if N >= K or fills(N) else "cublas"
     if dx == "auto":
-        dx = "epilogue" if K >= N else "cublas"
+        dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
         dy = "fused"
     return fwd, dx, dy
@@ -288,7 +296,7 @@ class LoRALinearFunction(torch.autograd.Function):
         A = _cast(lora_A, cdt)
         B = _cast(lora_B, cdt)
         b = _cast(bias, cdt)
-        paths = _paths(x2.shape[0], W.shape[0], K, _triton_ok(x2, W))
+        paths = _paths(x2.shape[0], W.shape[0], K, _triton_ok(x2, W), num_sms(x2.device))
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = torch.mm(x2, A.t())
             if paths[0] == "epilogue":

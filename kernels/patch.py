@@ -63,11 +63,14 @@ class KernelConfig:
 
     def __init__(self, enabled="auto", lora=True, rms_norm=True, rope=True, swiglu=True, cross_entropy=True,
                  compile=False, compile_backend="inductor", compile_mode="default", tiled_mlp=True,
-                 combo_kernels=True, lora_op=True):
+                 combo_kernels=True, lora_op=True, lora_paths=None):
         self.enabled, self.lora, self.rms_norm = enabled, lora, rms_norm
         self.rope, self.swiglu, self.cross_entropy = rope, swiglu, cross_entropy
         self.compile, self.compile_backend, self.compile_mode = compile, compile_backend, compile_mode
         self.tiled_mlp, self.combo_kernels, self.lora_op = tiled_mlp, combo_kernels, lora_op
+        # the LoRA linears' kernel paths (lora_linear.set_paths: "cublas" | "auto" | per direction); None: leave them
+        # as they are (the module default, or HARNESS_LORA_PATHS)
+        self.lora_paths = lora_paths
 
 
 _DEFAULTS = KernelConfig()  # the one place the kernel switches' defaults are spelled
@@ -423,6 +426,10 @@ def accelerate_model(model: nn.Module, cfg=None, force: bool = False) -> dict:
             return {}
     report: dict[str, list[str]] = defaultdict(list)
     want_lora = bool(_cfg_get(cfg, "lora"))
+    if want_lora and _cfg_get(cfg, "lora_paths") is not None:
+        from .lora_linear import set_paths
+
+        set_paths(str(_cfg_get(cfg, "lora_paths")))
     want_rms = bool(_cfg_get(cfg, "rms_norm"))
     want_rope = bool(_cfg_get(cfg, "rope"))
     want_act = bool(_cfg_get(cfg, "swiglu"))

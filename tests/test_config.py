@@ -107,16 +107,35 @@ def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
     from harness import pipeline
 
     _, run = compose(["kernels.enabled=true", "kernels.lora_op=false", "kernels.combo_kernels=false",
-                      "kernels.tiled_mlp=false", "kernels.rope=false", "kernels.host_prep=false"])
+                      "kernels.tiled_mlp=false", "kernels.rope=false", "kernels.host_prep=false",
+                      "kernels.lora_paths=auto"])
     seen = {}
     monkeypatch.setattr(hk, "accelerate_model", lambda model, cfg: seen.update(cfg) or {})
     pipeline.accelerate(run, model=None)
-    assert seen["lora_op"] is False and seen["combo_kernels"] is False
+    assert seen["lora_op"] is False and seen["combo_kernels"] is False and seen["lora_paths"] == "auto"
     assert seen["tiled_mlp"] is False and seen["rope"] is False and seen["enabled"] is True
     _, run = compose(["kernels.enabled=true", "kernels.host_prep=false"])  # kernels.lora_op left at its default: on
     seen.clear()
     pipeline.accelerate(run, model=None)
     assert seen["lora_op"] is True and run.bench.lora_op is True
+    assert seen["lora_paths"] == "cublas"  # the measured default
+
+
+def test_lora_paths_is_validated_and_reaches_the_kernels(compose, monkeypatch):
+    import importlib
+
+    import torch
+
+    from harness.kernels import accelerate_model
+
+    with pytest.raises(ConfigError, match=r"kernels.lora_paths='fast' \(allowed: one of cublas, auto\)"):
+        compose(["kernels.lora_paths=fast"])
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "PATHS", dict.fromkeys(("fwd", "dx", "dy"), "cublas"))
+    accelerate_model(torch.nn.Linear(2, 2), {"lora_paths": "auto"}, force=True)
+    assert mod.PATHS == dict.fromkeys(("fwd", "dx", "dy"), "auto")
+    accelerate_model(torch.nn.Linear(2, 2), {}, force=True)  # not given: left as it is (HARNESS_LORA_PATHS)
+    assert mod.PATHS == dict.fromkeys(("fwd", "dx", "dy"), "auto")
 
 
 def test_kernel_switch_defaults_agree_between_harness_and_library():
@@ -139,6 +158,10 @@ def test_kernel_switch_defaults_agree_between_harness_and_library():
     for name in shared:
         if name == "compile":
             assert (lib[name], harness[name]) == (False, "auto")
+            continue
+        if name == "lora_paths":  # the library leaves the paths as they are (None); a harness run sets them
+            assert (lib[name], harness[name]) == (None, "cublas")
+            assert yaml_kernels[name] == "cublas"
             continue
         assert harness[name] == lib[name], f"kernels.{name}: harness {harness[name]!r} vs library {lib[name]!r}"
         if name in yaml_kernels:

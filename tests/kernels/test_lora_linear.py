@@ -149,17 +149,21 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
         close(a, e, tol, tol * 5 if dtype == torch.float16 else tol, n)
 
 
-def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor(monkeypatch):
+def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
     """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
-    K >= N, the fused dy pass always; plain cuBLAS everywhere when Triton cannot run."""
+    K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always; plain
+    cuBLAS everywhere when Triton cannot run. (The H200 measurements these rules follow: docs/kernels.md run 7.)"""
     mod = importlib.import_module("harness.kernels.lora_linear")
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
     _paths = mod._paths
 
-    assert _paths(8192, 18944, 3584, True) == ("epilogue", "cublas", "fused")  # MLP up / gate
-    assert _paths(8192, 3584, 18944, True) == ("cublas", "epilogue", "fused")  # MLP down
-    assert _paths(8192, 1536, 1536, True) == ("epilogue", "epilogue", "fused")  # square q / o
-    assert _paths(8192, 1536, 1536, False) == ("cublas", "cublas", "cublas")
+    assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "fused")  # tiled MLP up: dx 96 tiles
+    assert _paths(2048, 1536, 8960, True, 132) == ("cublas", "epilogue", "fused")  # tiled MLP down: y 96 tiles
+    assert _paths(8192, 18944, 3584, True, 132) == ("epilogue", "epilogue", "fused")  # 896-tile dx: fills
+    assert _paths(8192, 3584, 18944, True, 132) == ("epilogue", "epilogue", "fused")
+    assert _paths(4096, 1280, 5120, True, 132) == ("cublas", "epilogue", "fused")  # 160 tiles: not two waves
+    assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")  # square q / o
+    assert _paths(8192, 1536, 1536, False, 132) == ("cublas", "cublas", "cublas")
 
 
 @pytest.mark.parametrize("M,N,r", [(37, 50, 4), (64, 33, 16), (5, 130, 20)])
@@ -232,6 +236,6 @@ def test_set_paths_parses_and_refuses_bad_values(monkeypatch):
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
     assert mod.set_paths("cublas") == {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
     assert mod.set_paths("fwd=epilogue, dy=fused") == {"fwd": "epilogue", "dx": "cublas", "dy": "fused"}
-    assert mod._paths(64, 32, 128, True) == ("epilogue", "cublas", "fused")
+    assert mod._paths(64, 32, 128, True, 4) == ("epilogue", "cublas", "fused")
     with pytest.raises(ValueError, match=r"dy=fast.*allowed.*dy=auto\|fused\|cublas"):
         mod.set_paths("dy=fast")
