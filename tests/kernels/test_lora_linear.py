@@ -16,6 +16,16 @@ def _grads(fn, x, A, B, dy):
     return (y, *torch.autograd.grad(y, (x, A, B), dy))
 
 
+def _assert_matches_float64(close, got, x, W, b, A, B, dy, s, dtype):
+    """(y, dx, dA, dB) against PEFT's math in float64; fp32 to 1e-5, fp16 to 1e-2 (of the result's scale)."""
+    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
+    ref = _grads(lambda: lora_linear_reference(x64, W.double(), None if b is None else b.double(), A64, B64, s),
+                 x64, A64, B64, dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, e, n in zip(got, ref, ("y", "dx", "dA", "dB")):
+        close(a, e, tol, tol * 5 if dtype == torch.float16 else tol, n)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("adapter_dtype", [None, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -30,15 +40,7 @@ def test_lora_linear(seed, close, bias, adapter_dtype, dtype):
     dy = torch.randn(N0, N1, M, dtype=dtype)
     y, dx, dA, dB = _grads(lambda: lora_linear(x, W, b, A, B, s), x, A, B, dy)
     assert y.dtype == dtype and dA.dtype == adt and dB.dtype == adt
-    # reference in float64
-    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
-    yr, dxr, dAr, dBr = _grads(
-        lambda: lora_linear_reference(x64, W.double(), None if b is None else b.double(), A64, B64, s),
-        x64, A64, B64, dy.double(),
-    )
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for a, e, n in [(y, yr, "y"), (dx, dxr, "dx"), (dA, dAr, "dA"), (dB, dBr, "dB")]:
-        close(a, e, tol, tol * 5 if dtype == torch.float16 else tol, n)
+    _assert_matches_float64(close, (y, dx, dA, dB), x, W, b, A, B, dy, s, dtype)
 
 
 def test_lora_grouped(seed, close):
@@ -139,14 +141,7 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
     B = torch.randn(N, r).requires_grad_(True)
     dy = torch.randn(T, 3, N, dtype=dtype)
     y, dx, dA, dB = _grads(lambda: lora_linear(x, W, b, A, B, s), x, A, B, dy)
-    x64, A64, B64 = (t.detach().double().requires_grad_(True) for t in (x, A, B))
-    yr, dxr, dAr, dBr = _grads(
-        lambda: lora_linear_reference(x64, W.double(), None if b is None else b.double(), A64, B64, s),
-        x64, A64, B64, dy.double(),
-    )
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for a, e, n in [(y, yr, "y"), (dx, dxr, "dx"), (dA, dAr, "dA"), (dB, dBr, "dB")]:
-        close(a, e, tol, tol * 5 if dtype == torch.float16 else tol, n)
+    _assert_matches_float64(close, (y, dx, dA, dB), x, W, b, A, B, dy, s, dtype)
 
 
 def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
