@@ -262,7 +262,7 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int = 132) -> tuple[str, str, str]:
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str, str]:
     """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
     the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
     least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
