@@ -68,8 +68,8 @@ case "$part" in
     for round in $(seq "${ROUNDS:-2}"); do
       order="auto cublas"; [ $((round % 2)) = 0 ] && order="cublas auto"
       for v in $order; do
-        echo "## round $round: HARNESS_LORA_PATHS=$v"
-        HARNESS_LORA_PATHS=$v timeout "${STACK_TIMEOUT:-90}" python3 -m harness.bench --stack harness16 2>&1 | tail -1
+        echo "## round $round: --lora-paths $v"
+        timeout "${STACK_TIMEOUT:-90}" python3 -m harness.bench --stack harness16 --lora-paths "$v" 2>&1 | tail -1
       done
     done | tee "$out/paths_ab.txt" ;;
   tune)  # RMSNorm backward / RoPE launch-shape sweeps only

@@ -95,7 +95,9 @@ def build(a):
                    # the kernels config's default, unless --inductor combo_kernels=... chose
                    "combo_kernels": bool((getattr(a, "inductor", None) or {}).get("combo_kernels", True)),
                    "tiled_mlp": not getattr(a, "no_tiled_mlp", False) and a.gc != "false",
-                   "lora_op": bool(getattr(a, "lora_op", True))}
+                   "lora_op": bool(getattr(a, "lora_op", True)),
+                   # None: the paths as they are (the library default, or HARNESS_LORA_PATHS)
+                   "lora_paths": getattr(a, "lora_paths", None)}
             accelerated = {k: len(v) for k, v in accelerate_model(model, cfg).items() if v}
             if not getattr(a, "no_host_prep", False):
                 from harness import host_prep
@@ -461,7 +463,18 @@ def _label(r):
         name += " (inductor " + ", ".join(f"{k}={v}" for k, v in r["inductor"].items()) + ")"
     if r.get("lora_op") is False:  # kernels.lora_op is the default: label the rows without it
         name += " (no lora_op)"
+    if r.get("lora_paths") not in (None, "cublas"):  # kernels.lora_paths: label the rows off the default
+        name += f" (lora_paths {r['lora_paths']})"
     return name if m == "anchor" else f"{name} [{m}]"
+
+
+def _lora_paths_label() -> str:
+    """harness.kernels.lora_linear.PATHS as one word: "cublas", "auto", or "fwd=...,dx=...,dy=..."."""
+    import importlib
+
+    paths = importlib.import_module("harness.kernels.lora_linear").PATHS
+    values = set(paths.values())
+    return values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in paths.items())
 
 
 def _last_line(text: str, width: int = 120) -> str:
@@ -594,6 +607,8 @@ def bench_mode(bench, out_dir) -> list[dict]:
         harness_only += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     if not getattr(bench, "lora_op", True):
         harness_only.append("--no-lora-op")
+    if getattr(bench, "lora_paths", "cublas") != "cublas":
+        harness_only += ["--lora-paths", bench.lora_paths]
     common_of = {s: common + (harness_only if s.startswith("harness") else []) for s in bench.stacks}
     plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
@@ -657,6 +672,9 @@ def main():
     ap.add_argument("--lora-op", action=argparse.BooleanOptionalAction, default=True,
                     help="harness stacks: LoRA sums in the harness::lora_mm op (kernels.lora_op, the default; "
                          "kernels/lora_op.py); --no-lora-op: traced addmm")
+    ap.add_argument("--lora-paths", choices=["cublas", "auto"], default=None,
+                    help="harness stacks: the LoRA GEMMs' kernel paths (kernels.lora_paths; default: as they are, i.e. "
+                         "cublas unless HARNESS_LORA_PATHS says otherwise)")
     ap.add_argument("--no-host-prep", action="store_true",
                     help="harness stacks: positions and vision segments computed in the forward (harness/host_prep.py)")
     ap.add_argument("--compile-mode", default="default",
@@ -696,6 +714,8 @@ def main():
                 res["inductor"] = a.inductor
             if a.stack.startswith("harness") and not a.lora_op:
                 res["lora_op"] = False
+            if a.stack.startswith("harness") and not a.no_kernels:  # the LoRA kernel paths this run took
+                res["lora_paths"] = _lora_paths_label()
             print(json.dumps(res), flush=True)
         except Exception as e:
             import traceback

@@ -230,6 +230,7 @@ class BenchConfig:
     trainer: bool = False  # also run the harness stacks through harness.train's SFTTrainer (a `harness` run's loop)
     inductor: dict = field(default_factory=dict)  # harness stacks: torch._inductor.config overrides, e.g. +bench.inductor.combo_kernels=true
     lora_op: bool = True  # harness stacks: kernels.lora_op (LoRA sums in the harness::lora_mm op); false for an A/B
+    lora_paths: str = "cublas"  # harness stacks: kernels.lora_paths (cublas | auto) for an A/B
 
 
 @dataclass
@@ -408,6 +409,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         models = ["anchor"] + sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
         _choice("bench.model", run.bench.model, tuple(models))
         _choice("bench.compile_mode", run.bench.compile_mode, COMPILE_MODES)
+        _choice("bench.lora_paths", run.bench.lora_paths, ("cublas", "auto"))
         if not float(run.bench.timeout_s) >= 0:
             _fail("bench.timeout_s", run.bench.timeout_s, "0 (no limit) or a positive number of seconds")
         if not float(run.bench.memory_gib) >= 0:

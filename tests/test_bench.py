@@ -221,12 +221,14 @@ def _check_inductor_options(ic, set_inductor_options, _label):
         "harness16 (inductor combo_kernels=True, max_autotune=False)"
     assert _label({"stack": "harness16", "lora_op": False}) == "harness16 (no lora_op)"
     assert _label({"stack": "harness16", "lora_op": True}) == "harness16"
+    assert _label({"stack": "harness16", "lora_paths": "auto"}) == "harness16 (lora_paths auto)"
+    assert _label({"stack": "harness16", "lora_paths": "cublas"}) == "harness16"
     assert set_inductor_options([]) == {}
 
 
 def test_bench_inductor_overrides_reach_the_harness_stacks_only(compose, monkeypatch, tmp_path):
     _, run = compose(["mode=bench", "bench.stacks=[unsloth16,harness16]", "bench.trainer=true",
-                      "+bench.inductor.combo_kernels=true", "bench.lora_op=false"])
+                      "+bench.inductor.combo_kernels=true", "bench.lora_op=false", "bench.lora_paths=auto"])
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "run_stacks", lambda plan, out, timeout_s=None: seen.setdefault("plan", plan) and [])
@@ -239,3 +241,17 @@ def test_bench_inductor_overrides_reach_the_harness_stacks_only(compose, monkeyp
         args = plan[key]
         assert args[args.index("--inductor") + 1] == "combo_kernels=true"
         assert "--no-lora-op" in args
+        assert args[args.index("--lora-paths") + 1] == "auto"
+    assert "--lora-paths" not in plan[("unsloth16", False)]
+
+
+def test_lora_paths_label_names_the_paths_a_run_took(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "PATHS", dict.fromkeys(("fwd", "dx", "dy"), "cublas"))
+    assert bench._lora_paths_label() == "cublas"
+    mod.set_paths("auto")
+    assert bench._lora_paths_label() == "auto"
+    mod.set_paths("dy=fused")
+    assert bench._lora_paths_label() == "fwd=auto,dx=auto,dy=fused"
