@@ -14,10 +14,10 @@ in-place add stays in place:
   ``dx = s g A``, ``dx += dy W`` in place; ``dA = s g^T x``; ``dB = s dy^T xa``. ``W`` frozen; bias and
   weight gradients, when asked for, come from the autograd wrapper.
 
-On a GPU (and under the interpreter) they take the kernel paths of :data:`harness.kernels.lora_linear.PATHS`:
-the Triton GEMMs with the rank-r product in their epilogue (forward where ``N >= K``, dx where ``K >= N``, for a
-contiguous ``w``) and the fused dy pass (``g`` and ``dB`` from one read of dy); elsewhere cuBLAS. Deterministic
-either way: no atomics, partial sums in a fixed order. In the inputs' dtype, for 2-D ``x``. The reference is
+On a GPU (and under the interpreter) they take the kernel paths chosen in :data:`harness.kernels.lora_linear.PATHS`
+(``kernels.lora_paths``): cuBLAS by default; with ``auto``, the Triton GEMMs with the rank-r product in their epilogue
+where they win (:func:`harness.kernels.lora_linear._paths`; only for a contiguous ``w``) and the fused dy pass (``g``
+and ``dB`` from one read of dy). Deterministic for a given launch config: no atomics, partial sums in a fixed order. In the inputs' dtype, for 2-D ``x``. The reference is
 :func:`harness.kernels.lora_linear.lora_linear_reference`; tests compare the two, eager and compiled.
 """
 from __future__ import annotations
