@@ -237,7 +237,8 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torc
 # (kernels.lora_paths=auto, HARNESS_LORA_PATHS=auto or set_paths): +2.4% tokens/s on the anchor workload (H200,
 # two rounds), kernels checked in bf16 at six real shapes, but the GPU tests and a loss A/B have not run yet.
 PATHS: dict[str, str] = {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
-_CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"), "dy": ("auto", "fused", "cublas")}
+_CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"),
+            "dy": ("auto", "fused", "cublas")}
 
 
 def set_paths(spec: str) -> dict[str, str]:
@@ -285,6 +286,29 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str,
     return fwd, dx, dy
 
 
+def _rank_forward(x2, W, xa, B, b, scale: float, path: str) -> torch.Tensor:
+    """``x2 W^T (+ b) + scale xa B^T`` by the forward ``path`` of :func:`_paths` (shared with kernels/lora_op.py)."""
+    if path == "epilogue":
+        from .lora_gemm import gemm_rank_epilogue
+
+        return gemm_rank_epilogue(x2, W, xa, B, b, scale)
+    y = torch.addmm(b, xa, B.t(), alpha=scale) if b is not None else _mm_scaled(xa, B.t(), scale)
+    y.addmm_(x2, W.t())
+    return y
+
+
+def _rank_dx(dy2, W, A, g, scale: float, path: str, g32=None) -> torch.Tensor:
+    """``dy2 W + scale g A`` by the dx ``path`` of :func:`_paths`; ``g32``: g's fp32 sum when the dy pass made it
+    (the epilogue GEMM then takes ``scale g`` rounded once). Shared with kernels/lora_op.py."""
+    if path == "epilogue":
+        from .lora_gemm import gemm_dx_rank_epilogue
+
+        return gemm_dx_rank_epilogue(dy2, W, (g32 * scale).to(dy2.dtype) if g32 is not None else g * scale, A)
+    dx = _mm_scaled(g, A, scale)
+    dx.addmm_(dy2, W)
+    return dx
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scale, nf4):
@@ -299,16 +323,7 @@ class LoRALinearFunction(torch.autograd.Function):
         paths = _paths(x2.shape[0], W.shape[0], K, _triton_ok(x2, W), num_sms(x2.device))
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = torch.mm(x2, A.t())
-            if paths[0] == "epilogue":
-                from .lora_gemm import gemm_rank_epilogue
-
-                y = gemm_rank_epilogue(x2, W, xa, B, b, scale)
-            else:
-                if b is not None:
-                    y = torch.addmm(b, xa, B.t(), alpha=scale)
-                else:
-                    y = _mm_scaled(xa, B.t(), scale)
-                y.addmm_(x2, W.t())
+            y = _rank_forward(x2, W, xa, B, b, scale, paths[0])
         ctx.save_for_backward(x2, xa, weight, lora_A, lora_B, bias)
         ctx.paths = paths
         ctx.nf4 = nf4
@@ -330,7 +345,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dw = db = dA = dB = None
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
-            g = dB32 = None
+            g = g32 = dB32 = None
             if dy_path == "fused" and need_bb and (need_x or need_a):
                 g32, dB32 = _dy_pass(dy2, B, xa)  # one read of dy for g and dB
                 g = g32.to(cdt)
@@ -338,14 +353,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 g = torch.mm(dy2, B)  # [N, r]
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
-                if dx_path == "epilogue":
-                    from .lora_gemm import gemm_dx_rank_epilogue
-
-                    dx = gemm_dx_rank_epilogue(dy2, W, (g32 * s).to(cdt) if dB32 is not None else g * s, A)
-                else:
-                    dx = _mm_scaled(g, A, s)
-                    dx.addmm_(dy2, W)
-                dx = dx.view(ctx.in_shape)
+                dx = _rank_dx(dy2, W, A, g, s, dx_path, g32).view(ctx.in_shape)
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if need_a:

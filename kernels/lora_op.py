@@ -17,7 +17,8 @@ in-place add stays in place:
 On a GPU (and under the interpreter) they take the kernel paths chosen in :data:`harness.kernels.lora_linear.PATHS`
 (``kernels.lora_paths``): cuBLAS by default; with ``auto``, the Triton GEMMs with the rank-r product in their epilogue
 where they win (:func:`harness.kernels.lora_linear._paths`; only for a contiguous ``w``) and the fused dy pass (``g``
-and ``dB`` from one read of dy). Deterministic for a given launch config: no atomics, partial sums in a fixed order. In the inputs' dtype, for 2-D ``x``. The reference is
+and ``dB`` from one read of dy). Deterministic for a given launch config: no atomics, partial sums in a fixed order.
+In the inputs' dtype, for 2-D ``x``. The reference is
 :func:`harness.kernels.lora_linear.lora_linear_reference`; tests compare the two, eager and compiled.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import _dy_pass, _mm_scaled, _paths, _triton_ok
+from .lora_linear import _dy_pass, _mm_scaled, _paths, _rank_dx, _rank_forward, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -36,13 +37,7 @@ __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torch.Tensor, B: torch.Tensor,
             s: float) -> tuple[torch.Tensor, torch.Tensor]:
     xa = torch.mm(x, A.t())
-    if _op_paths(x, w)[0] == "epilogue":
-        from .lora_gemm import gemm_rank_epilogue
-
-        return gemm_rank_epilogue(x, w, xa, B, b, s), xa
-    y = torch.addmm(b, xa, B.t(), alpha=s) if b is not None else _mm_scaled(xa, B.t(), s)
-    y.addmm_(x, w.t())
-    return y, xa
+    return _rank_forward(x, w, xa, B, b, s, _op_paths(x, w)[0]), xa
 
 
 def _op_paths(x: torch.Tensor, w: torch.Tensor) -> tuple[str, str, str]:
@@ -70,15 +65,7 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
         g = torch.mm(dy, B)  # [N, r]
         if need_b:
             dB = _mm_scaled(dy.t(), xa, s)
-    if not need_x:
-        dx = x.new_empty((0,))
-    elif dx_path == "epilogue":
-        from .lora_gemm import gemm_dx_rank_epilogue
-
-        dx = gemm_dx_rank_epilogue(dy, w, (g32 * s).to(dy.dtype) if g32 is not None else g * s, A)
-    else:
-        dx = _mm_scaled(g, A, s)
-        dx.addmm_(dy, w)
+    dx = _rank_dx(dy, w, A, g, s, dx_path, g32) if need_x else x.new_empty((0,))
     dA = _mm_scaled(g.t(), x, s) if need_a else A.new_empty((0,))
     return dx, dA, dB
 
