@@ -10,6 +10,7 @@
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh longest    # longest sequence at batch 1
 #   AB="; --no-lora-op" ROUNDS=2 bash benchmarks/gpu_session.sh ab    # harness16 variants, one process each (here: kernels.lora_op off)
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh paths      # ~7 min: kernels.lora_paths tests, sweep, A/B
+#   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh dytune     # ~2 min: the fused dy pass's launch sweep
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh tune       # RMSNorm bwd / RoPE launch sweeps
 #   source benchmarks/device_setup.sh && bash benchmarks/gpu_session.sh kernels    # kernel microbenchmarks
 # Everything it prints is also written under $OUT (or ./gpu_out), one file per part.
@@ -72,10 +73,13 @@ case "$part" in
         timeout "${STACK_TIMEOUT:-90}" python3 -m harness.bench --stack harness16 --lora-paths "$v" 2>&1 | tail -1
       done
     done | tee "$out/paths_ab.txt" ;;
+  dytune)  # the fused dy pass's launch sweep (DY_LAUNCH) at the LoRA shapes
+    timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/kernels_bench.py --only lora --tune-dy --tune-only 2>&1 \
+      | tee "$out/dytune.txt" | grep -E "tune dy|device|copy" ;;
   tune)  # RMSNorm backward / RoPE launch-shape sweeps only
     python3 benchmarks/kernels_bench.py --tune-only 2>&1 | tee "$out/tune.txt" ;;
   kernels)
     python3 benchmarks/kernels_bench.py --quick --out "$out" 2>&1 | tee "$out/kernels.txt" ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|tprofile|ab|longest|paths|tune|kernels" >&2; exit 2 ;;
+    echo "usage: bash benchmarks/gpu_session.sh tests|trainer|peers|unsloth|profile|tprofile|ab|longest|paths|dytune|tune|kernels" >&2; exit 2 ;;
 esac

@@ -479,14 +479,51 @@ def lora_parts(shape, x, W, A, B, dy, s):
         "Triton dy W (no LoRA)": lambda: base_gemm_dx(dy, W),
         "cuBLAS dx = gs A; dx += dy W": lambda: torch.mm(g, A).addmm_(dy, W),
         "xa = x A^T (cuBLAS)": lambda: x @ A.t(),
-        "fused dy pass (g, dB)": lambda: LORA_LINEAR._dy_pass(dy, B, xa),
+        "fused dy pass (g, dB)": lambda: LORA_LINEAR._dy_pass(dy, B, xa, s, DT, DT),
         "g = dy B (cuBLAS)": lambda: dy @ B,
-        "dB = dy^T xa (split-K)": lambda: LORA_LINEAR._skinny_tn(xa, dy, s, DT),
-        "dA = g^T x (split-K)": lambda: LORA_LINEAR._skinny_tn(g, x, s, DT),
+        "dB = dy^T xa (split-K)": lambda: LORA_LINEAR._skinny_tn(xa, dy, s, DT, t=True),
+        "dA = g^T x (split-K)": lambda: LORA_LINEAR._skinny_tn(g, x, 1.0, DT),
     }
     for name, fn in parts.items():
         t = gbench(fn)
         print(f"  lora part {shape} {name}: {t * 1e3:.1f} us" if t else f"  lora part {shape} {name}: n/a", flush=True)
+
+
+def tune_dy(copy_bw, shapes, r=16):
+    """The fused dy pass (g = s dy B and dB = s dy^T xa from one read of dy, with its two partial-sum kernels) over
+    harness.kernels.lora_linear.DY_LAUNCH (row block, column step, programs per SM, warps), per dy shape [M, N]:
+    GPU kernel time and the bandwidth of one read of dy, the default launch marked."""
+    default = dict(LORA_LINEAR.DY_LAUNCH)
+    for M, N in shapes:
+        dy = torch.randn(M, N, device=DEV, dtype=DT)
+        B = torch.randn(N, r, device=DEV, dtype=DT)
+        xa = torch.randn(M, r, device=DEV, dtype=DT)
+        ref_g, ref_db = (dy.float() @ B.float()) * 0.5, (dy.float().t() @ xa.float()) * 0.5
+        results = []
+        for bm in (64, 128, 256):
+            for bn in (32, 64, 128):
+                for pps in (1, 2, 4):
+                    for warps in (4, 8):
+                        LORA_LINEAR.DY_LAUNCH.update(block_m=bm, block_n=bn, programs_per_sm=pps, warps=warps)
+                        try:
+                            g, db = LORA_LINEAR._dy_pass(dy, B, xa, 0.5, DT, DT)
+                            err = max(rel(g, ref_g), rel(db, ref_db))
+                            t = gbench(lambda: LORA_LINEAR._dy_pass(dy, B, xa, 0.5, DT, DT), iters=5)
+                        except Exception as e:  # e.g. out of shared memory for a launch shape
+                            print(f"  tune dy [{M},{N}] {bm}/{bn}/{pps}/{warps}: {type(e).__name__}", flush=True)
+                            continue
+                        finally:
+                            LORA_LINEAR.DY_LAUNCH.update(default)
+                        if t:
+                            results.append((t, bm, bn, pps, warps, err))
+        one_read_us = M * N * dy.element_size() / (copy_bw * 1e9) * 1e6  # dy's bytes at the copy rate
+        results.sort()
+        for t, bm, bn, pps, warps, err in results[:5] + [x for x in results if (x[1], x[2], x[3], x[4]) == (
+                default["block_m"], default["block_n"], default["programs_per_sm"], default["warps"])]:
+            mark = " (default)" if (bm, bn, pps, warps) == (default["block_m"], default["block_n"],
+                                                            default["programs_per_sm"], default["warps"]) else ""
+            print(f"  tune dy [{M},{N}] block_m {bm} block_n {bn} programs/SM {pps} warps {warps}: "
+                  f"{t * 1e3:.1f} us, rel err {err:.1e}; one read of dy {one_read_us:.1f} us{mark}", flush=True)
 
 
 def bench_lora_qkv(N, H, r=16):
@@ -554,6 +591,8 @@ def main():
     ap.add_argument("--tune", action="store_true",
                     help="sweep the RMSNorm backward and RoPE launch shapes first (those of --only's rms, rope)")
     ap.add_argument("--tune-only", action="store_true", help="the --tune sweeps alone, then exit")
+    ap.add_argument("--tune-dy", action="store_true",
+                    help="lora group: sweep the fused dy pass's launch (DY_LAUNCH) at the LoRA shapes first")
     ap.add_argument("--lora-paths", action="store_true",
                     help="lora group: the LoRA-linear kernel paths and their parts alone, at the real shapes")
     args = ap.parse_args()
@@ -568,6 +607,8 @@ def main():
     N = 8192
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
+    if "lora" in only and args.tune_dy:
+        tune_dy(copy_bw, [(N, 1536), (N, 3584), (N, 18944), (2048, 8960), (2048, 1536)])
     if args.tune or args.tune_only:
         for H in hiddens:
             if "rms" in only:

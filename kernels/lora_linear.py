@@ -8,9 +8,10 @@ Forward, "cublas" path (3 cuBLAS calls, no separate scale/add kernels, no fp32 r
 
 Backward, "cublas" path (dX, dA, dB; dW / db only if they require grad)::
 
-    g  = dy @ B                            # [N, r]
-    dx = s * g @ A;  dx += dy @ W          # beta=1 again
-    dA = s * g^T @ x;  dB = s * dy^T @ xa
+    gs = s * dy @ B                        # [N, r], s folded into the GEMM
+    dx = gs @ A;  dx += dy @ W             # beta=1 again
+    dA = gs^T @ x;  dB = s * dy^T @ xa     # split-K Triton kernels (fp32 partials summed in a fixed order, scaled
+                                           # and cast by one more kernel: no atomics, deterministic)
 
 Beside cuBLAS every rank-r product is a full pass over an activation, and the beta=1 adds cost two more (the
 rank-r term written as an [N, out] or [N, in] tensor, then read back as the GEMM's C). So on a GPU (and in the
@@ -100,13 +101,52 @@ def _mm_scaled(a, b, alpha: float, out_dtype=None):
 
 
 @jit
+def _sum_parts_kernel(
+    P, OUT, PARTS, ROWS, COLS, sp_r, PART_STRIDE, so_r, so_c, scale,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # OUT[r, c] = scale * sum_p P[p, r, c] for r < ROWS, c < COLS (P: fp32 parts, row stride sp_r, part stride
+    # PART_STRIDE), the parts added in index order (deterministic), cast once to OUT's dtype; OUT's strides may
+    # transpose it.
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
+    ptr = P + rows[:, None] * sp_r + cols[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for _ in range(PARTS):
+        acc += tl.load(ptr, mask=mask, other=0.0)
+        ptr += PART_STRIDE
+    tl.store(OUT + rows[:, None] * so_r + cols[None, :] * so_c, (acc * scale).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _sum_parts(parts: torch.Tensor, scale: float, dtype: torch.dtype, rows: int, cols: int,
+               t: bool = False) -> torch.Tensor:
+    """``scale * parts.sum(0)[:rows, :cols]`` (``parts`` [P, >=rows, >=cols] fp32, contiguous) cast to ``dtype`` in
+    one kernel (a sum, a scale and a cast would be three), transposed to ``[cols, rows]`` (contiguous) if ``t``."""
+    n_parts, prow, pcol = parts.shape
+    assert parts.is_contiguous() and parts.dtype == torch.float32 and rows <= prow and cols <= pcol
+    out = torch.empty((cols, rows) if t else (rows, cols), dtype=dtype, device=parts.device)
+    so_r, so_c = (1, rows) if t else (cols, 1)
+    block_c = min(128, next_pow2(cols))
+    block_r = min(next_pow2(rows), max(1, 4096 // block_c))
+    _sum_parts_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
+        parts, out, n_parts, rows, cols, pcol, prow * pcol, so_r, so_c, float(scale),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+    return out
+
+
+@jit
 def _skinny_tn_kernel(
     G, X, C, N, R, K,
     sg_n, sg_r, sx_n, sx_k,
     ROWS_PER_SPLIT,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
-    # C[R, K] += G[n0:n1, :R]^T @ X[n0:n1, k-tile]   (split-K over the token dim, fp32 atomics)
+    # C[split, :, k-tile] = G[n0:n1, :R]^T @ X[n0:n1, k-tile]   (split-K over the token dim: one fp32 partial per
+    # split, summed in order afterwards by _sum_parts: deterministic, no atomics, no zero fill)
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -124,19 +164,20 @@ def _skinny_tn_kernel(
             acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(g), x, acc)
-    cmask = (offs_r[:, None] < R) & (offs_k[None, :] < K)
-    tl.atomic_add(C + offs_r[:, None] * K + offs_k[None, :], acc, mask=cmask)
+    tl.store(C + (pid_s * BLOCK_R + offs_r[:, None]).to(tl.int64) * K + offs_k[None, :], acc,
+             mask=offs_k[None, :] < K)
 
 
-def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.dtype, t: bool = False) -> torch.Tensor:
     """``alpha * g^T @ x`` for tall g ``[N, r]`` and x ``[N, K]`` (r small, N large): the
     weight-gradient shape of LoRA (dA, dB). cuBLAS runs it on a handful of tiles (output is only
-    ``[r, K]``); this Triton kernel splits the long N reduction over many programs instead."""
+    ``[r, K]``); this Triton kernel splits the long N reduction over many programs instead (fp32 partials, summed
+    in a fixed order, scaled and cast by one more kernel). ``t``: return the transpose ``[K, r]``, contiguous."""
     N, R = g.shape
     K = x.shape[1]
     if not (use_triton(g, x) and g.dtype == x.dtype and R <= 64 and N >= 1):
-        return _mm_scaled(g.t(), x, alpha).to(out_dtype)
-    c = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+        c = _mm_scaled(g.t(), x, alpha).to(out_dtype)
+        return c.t().contiguous() if t else c
     block_r = max(16, next_pow2(R))
     block_k = 128 if x.is_cuda else 32
     block_n = 64 if x.is_cuda else 16
@@ -145,14 +186,13 @@ def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.
     n_splits = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, k_tiles)))
     rows_per_split = triton.cdiv(triton.cdiv(N, n_splits), block_n) * block_n
     n_splits = triton.cdiv(N, rows_per_split)
+    c = torch.empty((n_splits, block_r, K), dtype=torch.float32, device=x.device)
     _skinny_tn_kernel[(k_tiles, n_splits)](
         g, x, c, N, R, K, g.stride(0), g.stride(1), x.stride(0), x.stride(1), rows_per_split,
         BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
         num_warps=4, num_stages=3 if x.is_cuda else 1,
     )
-    if alpha != 1.0:
-        c.mul_(alpha)
-    return c.to(out_dtype)
+    return _sum_parts(c, alpha, out_dtype, R, K, t=t)
 
 
 @jit
@@ -192,21 +232,29 @@ def _dy_pass_kernel(
     tl.store(GP + (pid_c * M + rows64[:, None]) * BLOCK_R + orr[None, :], g, mask=rmask[:, None])
 
 
+# The dy pass's launch on a GPU (kernels_bench.py --tune-dy sweeps it): row block, column step, programs per SM
+# the column groups aim for, warps.
+DY_LAUNCH: dict[str, int] = {"block_m": 256, "block_n": 64, "programs_per_sm": 2, "warps": 8}
+
+
 def _dy_pass_launch(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, column groups, warps) for the dy pass. Row blocks of 256 keep the dB partials (one
-    fp32 [N, r] row per block) at 1/8 of dy's bytes per 16 of rank (bf16); the columns are split into groups
-    until there are ~2 programs per SM (each group adds one fp32 [M, r] partial of g)."""
+    """(BLOCK_M, BLOCK_N, column groups, warps) for the dy pass (:data:`DY_LAUNCH`). Row blocks of 256 keep the
+    dB partials (one fp32 [N, r] row per block) at 1/8 of dy's bytes per 16 of rank (bf16); the columns are split
+    into groups until there are ~2 programs per SM (each group adds one fp32 [M, r] partial of g)."""
     if device.type != "cuda":
         return 16, 16, min(2, triton.cdiv(N, 16)), 4  # interpreter: several blocks and groups on small shapes
-    block_m, block_n = 256, 64
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    block_m, block_n = DY_LAUNCH["block_m"], DY_LAUNCH["block_n"]
+    target = DY_LAUNCH["programs_per_sm"] * torch.cuda.get_device_properties(device).multi_processor_count
     groups = max(1, min(triton.cdiv(N, block_n), triton.cdiv(target, triton.cdiv(M, block_m))))
-    return block_m, block_n, groups, 8
+    return block_m, block_n, groups, DY_LAUNCH["warps"]
 
 
-def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dy2 @ B, dy2^T @ xa)`` in fp32 from one read of dy2 ([M, N]; B [N, r], xa [M, r]): the two rank-r
-    products of a LoRA backward that read dy, which cuBLAS runs as two full passes over it."""
+def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, scale: float = 1.0,
+             g_dtype: torch.dtype = torch.float32, db_dtype: torch.dtype = torch.float32,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale dy2 @ B, scale dy2^T @ xa)`` from one read of dy2 ([M, N]; B [N, r], xa [M, r]): the two rank-r
+    products of a LoRA backward that read dy, which cuBLAS runs as two full passes over it. Accumulated in fp32,
+    each summed over its partials, scaled and cast to ``g_dtype`` / ``db_dtype`` by one small kernel."""
     M, N = dy2.shape
     R = B.shape[1]
     block_r = max(16, next_pow2(R))
@@ -222,9 +270,7 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor) -> tuple[torc
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, IEEE=dy2.dtype == torch.float32,
         num_warps=warps, num_stages=3 if dy2.is_cuda else 1,
     )
-    g = gp[0] if groups == 1 else gp.sum(0)
-    db = dbp[0] if row_blocks == 1 else dbp.sum(0)
-    return g[:, :R], db[:, :R]
+    return _sum_parts(gp, scale, g_dtype, M, R), _sum_parts(dbp, scale, db_dtype, N, R)
 
 
 # Which kernels run a 16-bit LoRA linear on a GPU (or the interpreter), per direction:
@@ -297,14 +343,14 @@ def _rank_forward(x2, W, xa, B, b, scale: float, path: str) -> torch.Tensor:
     return y
 
 
-def _rank_dx(dy2, W, A, g, scale: float, path: str, g32=None) -> torch.Tensor:
-    """``dy2 W + scale g A`` by the dx ``path`` of :func:`_paths`; ``g32``: g's fp32 sum when the dy pass made it
-    (the epilogue GEMM then takes ``scale g`` rounded once). Shared with kernels/lora_op.py."""
+def _rank_dx(dy2, W, A, gs, path: str) -> torch.Tensor:
+    """``dy2 W + gs A`` (``gs`` = s dy B, scaled already) by the dx ``path`` of :func:`_paths` (shared with
+    kernels/lora_op.py)."""
     if path == "epilogue":
         from .lora_gemm import gemm_dx_rank_epilogue
 
-        return gemm_dx_rank_epilogue(dy2, W, (g32 * scale).to(dy2.dtype) if g32 is not None else g * scale, A)
-    dx = _mm_scaled(g, A, scale)
+        return gemm_dx_rank_epilogue(dy2, W, gs, A)
+    dx = torch.mm(gs, A)
     dx.addmm_(dy2, W)
     return dx
 
@@ -345,24 +391,20 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dw = db = dA = dB = None
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
-            g = g32 = dB32 = None
+            gs = None  # s dy B
             if dy_path == "fused" and need_bb and (need_x or need_a):
-                g32, dB32 = _dy_pass(dy2, B, xa)  # one read of dy for g and dB
-                g = g32.to(cdt)
+                gs, dB = _dy_pass(dy2, B, xa, s, cdt, lora_B.dtype)  # one read of dy for g and dB
             elif need_x or need_a:
-                g = torch.mm(dy2, B)  # [N, r]
+                gs = _mm_scaled(dy2, B, s)  # [N, r]
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
-                dx = _rank_dx(dy2, W, A, g, s, dx_path, g32).view(ctx.in_shape)
+                dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if need_a:
-                dA = _skinny_tn(g, x2, s, lora_A.dtype)  # [r, K]
-            if need_bb:
-                if dB32 is not None:
-                    dB = (dB32 * s).to(lora_B.dtype)
-                else:
-                    dB = _skinny_tn(xa, dy2, s, lora_B.dtype).t().contiguous()  # (xa^T dy)^T = dy^T xa: [M, r]
+                dA = _skinny_tn(gs, x2, 1.0, lora_A.dtype)  # [r, K]
+            if need_bb and dB is None:
+                dB = _skinny_tn(xa, dy2, s, lora_B.dtype, t=True)  # (xa^T dy)^T = dy^T xa: [M, r]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

@@ -10,8 +10,8 @@ in-place add stays in place:
 * ``harness::lora_mm(x, w, b, A, B, s) -> (y, xa)``: ``xa = x A^T``; ``y = b + s xa B^T`` (or ``s xa B^T``);
   ``y += x W^T`` in place. ``xa`` is returned for the backward (``dB = s dy^T xa``) and is not differentiable
   (call :func:`lowrank_addmm`, which returns ``y`` alone).
-* ``harness::lora_mm_backward(dy, x, w, A, B, xa, s, ...) -> (dx, dA, dB)``: ``g = dy B``;
-  ``dx = s g A``, ``dx += dy W`` in place; ``dA = s g^T x``; ``dB = s dy^T xa``. ``W`` frozen; bias and
+* ``harness::lora_mm_backward(dy, x, w, A, B, xa, s, ...) -> (dx, dA, dB)``: ``gs = s dy B``;
+  ``dx = gs A``, ``dx += dy W`` in place; ``dA = gs^T x``; ``dB = s dy^T xa``. ``W`` frozen; bias and
   weight gradients, when asked for, come from the autograd wrapper.
 
 On a GPU (and under the interpreter) they take the kernel paths chosen in :data:`harness.kernels.lora_linear.PATHS`
@@ -58,15 +58,13 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     _, dx_path, dy_path = _op_paths(x, w)
     dB = B.new_empty((0,))
     if dy_path == "fused" and need_b and (need_x or need_a):
-        g32, dB32 = _dy_pass(dy, B, xa)  # one read of dy for both
-        g, dB = g32.to(dy.dtype), (dB32 * s).to(B.dtype)
+        gs, dB = _dy_pass(dy, B, xa, s, dy.dtype, B.dtype)  # one read of dy for both
     else:
-        g32 = None
-        g = torch.mm(dy, B)  # [N, r]
+        gs = _mm_scaled(dy, B, s)  # s dy B: [N, r]
         if need_b:
             dB = _mm_scaled(dy.t(), xa, s)
-    dx = _rank_dx(dy, w, A, g, s, dx_path, g32) if need_x else x.new_empty((0,))
-    dA = _mm_scaled(g.t(), x, s) if need_a else A.new_empty((0,))
+    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
+    dA = torch.mm(gs.t(), x) if need_a else A.new_empty((0,))
     return dx, dA, dB
 
 

@@ -176,6 +176,43 @@ def test_dy_pass_matches_torch(cpu_interp, seed, close, M, N, r, dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     close(g, dy.double() @ B.double(), tol, tol, "g")
     close(db, dy.double().t() @ xa.double(), tol, tol, "dB")
+    # the backward's call: both scaled, g in the activation dtype, dB in the adapter's (fp32 here)
+    gs, dbs = _dy_pass(dy, B, xa, 0.375, dtype, torch.float32)
+    assert gs.dtype == dtype and dbs.dtype == torch.float32 and gs.is_contiguous() and dbs.is_contiguous()
+    close(gs, 0.375 * dy.double() @ B.double(), tol, tol, "s g")
+    close(dbs, 0.375 * dy.double().t() @ xa.double(), tol, tol, "s dB")
+
+
+@pytest.mark.parametrize("parts,rows,cols,prow,pcol", [(1, 5, 3, 5, 3), (7, 37, 20, 40, 32), (3, 16, 300, 16, 300)])
+@pytest.mark.parametrize("t", [False, True], ids=["plain", "transposed"])
+def test_sum_parts(cpu_interp, seed, close, parts, rows, cols, prow, pcol, t):
+    """The partial-sum finisher of the split reductions: the parts' top-left [rows, cols] summed, scaled, cast once,
+    optionally written transposed (contiguous), padding never read into the result."""
+    from harness.kernels.lora_linear import _sum_parts
+
+    p = torch.randn(parts, prow, pcol)
+    out = _sum_parts(p, -1.5, torch.float16, rows, cols, t=t)
+    ref = -1.5 * p.double().sum(0)[:rows, :cols]
+    ref = ref.t() if t else ref
+    assert out.dtype == torch.float16 and out.shape == ref.shape and out.is_contiguous()
+    close(out, ref, 2e-3, 2e-3, "sum")
+    assert torch.equal(out, _sum_parts(p, -1.5, torch.float16, rows, cols, t=t))  # fixed order: bitwise repeatable
+
+
+@pytest.mark.parametrize("N,r,K", [(97, 4, 45), (300, 16, 130), (64, 20, 33)])
+@pytest.mark.parametrize("t", [False, True], ids=["plain", "transposed"])
+def test_skinny_tn_split_k(cpu_interp, seed, close, N, r, K, t):
+    """alpha g^T x for tall g (LoRA's dA / dB): split over the token dim into fp32 partials (several splits at these
+    sizes), rank padded to 16 / 32, optionally transposed; bitwise repeatable (no atomics)."""
+    from harness.kernels.lora_linear import _skinny_tn
+
+    g, x = torch.randn(N, r), torch.randn(N, K)
+    out = _skinny_tn(g, x, 0.5, torch.float32, t=t)
+    ref = 0.5 * g.double().t() @ x.double()
+    ref = ref.t() if t else ref
+    assert out.shape == ref.shape and out.is_contiguous()
+    close(out, ref, 1e-5, 1e-5, "g^T x")
+    assert torch.equal(out, _skinny_tn(g, x, 0.5, torch.float32, t=t))
 
 
 @pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
