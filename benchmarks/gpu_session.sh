@@ -63,6 +63,8 @@ case "$part" in
     # anchor A/B auto vs cublas, ROUNDS rounds alternating the order, whole JSON rows (loss included) kept
     python3 -m pytest -q -m gpu tests/kernels/test_lora_linear.py tests/kernels/test_lora_op.py \
       tests/kernels/test_tiled_mlp.py 2>&1 | tail -15 | tee "$out/paths_tests.txt"
+    HARNESS_LORA_PATHS=auto timeout "${WHOLE_TIMEOUT:-150}" python3 -m pytest -q -m gpu tests/test_gpu.py \
+      -k whole_model -s 2>&1 | grep -E "loss|passed|failed|Error" | tee "$out/paths_whole_model.txt"  # loss + LoRA grads, kernels vs reference
     timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/kernels_bench.py --quick --only lora --lora-paths --out "$out" \
       > "$out/paths_kernels.txt" 2>&1; grep -E "check|lora_linear paths e.*/e.*/f|lora_linear paths cublas/cublas/cublas" \
       "$out/paths_kernels.txt"
