@@ -518,10 +518,10 @@ def tune_dy(copy_bw, shapes, r=16):
                             results.append((t, bm, bn, pps, warps, err))
         one_read_us = M * N * dy.element_size() / (copy_bw * 1e9) * 1e6  # dy's bytes at the copy rate
         results.sort()
-        for t, bm, bn, pps, warps, err in results[:5] + [x for x in results if (x[1], x[2], x[3], x[4]) == (
-                default["block_m"], default["block_n"], default["programs_per_sm"], default["warps"])]:
-            mark = " (default)" if (bm, bn, pps, warps) == (default["block_m"], default["block_n"],
-                                                            default["programs_per_sm"], default["warps"]) else ""
+        dkey = (default["block_m"], default["block_n"], default["programs_per_sm"], default["warps"])
+        shown = results[:5] + [x for x in results[5:] if x[1:5] == dkey]  # the five fastest, and the default
+        for t, bm, bn, pps, warps, err in shown:
+            mark = " (default)" if (bm, bn, pps, warps) == dkey else ""
             print(f"  tune dy [{M},{N}] block_m {bm} block_n {bn} programs/SM {pps} warps {warps}: "
                   f"{t * 1e3:.1f} us, rel err {err:.1e}; one read of dy {one_read_us:.1f} us{mark}", flush=True)
 

@@ -512,7 +512,7 @@ class LoRAGemmFunction(torch.autograd.Function):
                 g = torch.mm(dy2, B)
                 dA = _skinny_tn(g, x2, s, ctx.ab_dtypes[0])[:r]
             if need_bb:
-                dB = _skinny_tn(xa, dy2, s, ctx.ab_dtypes[1]).t()[:, :r].contiguous()
+                dB = _skinny_tn(xa, dy2, s, ctx.ab_dtypes[1], t=True)[:, :r].contiguous()
         if need_w:
             dw = torch.mm(dy2.t(), x2).to(weight.dtype)
         if need_b and bias is not None:

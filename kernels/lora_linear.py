@@ -500,7 +500,7 @@ class LoRAGroupedFunction(torch.autograd.Function):
                 if dy2s[i] is None:
                     continue
                 if need[3 + 3 * n + i]:
-                    dBs[i] = _skinny_tn(xas[i], dy2s[i], scales[i], Bs[i].dtype).t().contiguous()
+                    dBs[i] = _skinny_tn(xas[i], dy2s[i], scales[i], Bs[i].dtype, t=True)
                 if need[3 + i] and weights[i] is not None:
                     dweights[i] = torch.mm(dy2s[i].t(), x2).to(weights[i].dtype)
                 if need[3 + n + i] and biases[i] is not None:
