@@ -10,8 +10,8 @@ Backward, "cublas" path (dX, dA, dB; dW / db only if they require grad)::
 
     gs = s * dy @ B                        # [N, r], s folded into the GEMM
     dx = gs @ A;  dx += dy @ W             # beta=1 again
-    dA = gs^T @ x;  dB = s * dy^T @ xa     # split-K Triton kernels (fp32 partials summed in a fixed order, scaled
-                                           # and cast by one more kernel: no atomics, deterministic)
+    dA = gs^T @ x;  dB = s * dy^T @ xa     # split-K Triton kernels (fp32 partials summed in a fixed order, then
+                                           # scaled and cast: no atomics, deterministic)
 
 Beside cuBLAS every rank-r product is a full pass over an activation, and the beta=1 adds cost two more (the
 rank-r term written as an [N, out] or [N, in] tensor, then read back as the GEMM's C). So on a GPU (and in the
@@ -100,42 +100,23 @@ def _mm_scaled(a, b, alpha: float, out_dtype=None):
     return torch.addmm(out, a, b, beta=0, alpha=alpha, out=out)
 
 
-@jit
-def _sum_parts_kernel(
-    P, OUT, PARTS, ROWS, COLS, sp_r, PART_STRIDE, so_r, so_c, scale,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    # OUT[r, c] = scale * sum_p P[p, r, c] for r < ROWS, c < COLS (P: fp32 parts, row stride sp_r, part stride
-    # PART_STRIDE), the parts added in index order (deterministic), cast once to OUT's dtype; OUT's strides may
-    # transpose it.
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = (pid_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
-    ptr = P + rows[:, None] * sp_r + cols[None, :]
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for _ in range(PARTS):
-        acc += tl.load(ptr, mask=mask, other=0.0)
-        ptr += PART_STRIDE
-    tl.store(OUT + rows[:, None] * so_r + cols[None, :] * so_c, (acc * scale).to(OUT.dtype.element_ty), mask=mask)
-
-
 def _sum_parts(parts: torch.Tensor, scale: float, dtype: torch.dtype, rows: int, cols: int,
                t: bool = False) -> torch.Tensor:
-    """``scale * parts.sum(0)[:rows, :cols]`` (``parts`` [P, >=rows, >=cols] fp32, contiguous) cast to ``dtype`` in
-    one kernel (a sum, a scale and a cast would be three), transposed to ``[cols, rows]`` (contiguous) if ``t``."""
-    n_parts, prow, pcol = parts.shape
-    assert parts.is_contiguous() and parts.dtype == torch.float32 and rows <= prow and cols <= pcol
-    out = torch.empty((cols, rows) if t else (rows, cols), dtype=dtype, device=parts.device)
-    so_r, so_c = (1, rows) if t else (cols, 1)
-    block_c = min(128, next_pow2(cols))
-    block_r = min(next_pow2(rows), max(1, 4096 // block_c))
-    _sum_parts_kernel[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))](
-        parts, out, n_parts, rows, cols, pcol, prow * pcol, so_r, so_c, float(scale),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-    )
-    return out
+    """``scale * parts.sum(0)[:rows, :cols]`` (``parts`` [P, >=rows, >=cols] fp32) cast to ``dtype``, transposed to
+    ``[cols, rows]`` (contiguous) if ``t``. Two fully parallel kernels: torch's sum over the leading dim (a fixed
+    reduction order, so bitwise repeatable) and one multiply that scales, casts and (for ``t``) transposes on its
+    store. (A single Triton kernel looping over the parts ran on a few dozen programs at these shapes, [P, N, 16]:
+    4x slower than the dy pass itself on an H200, docs/kernels.md run 8.)"""
+    assert parts.dtype == torch.float32 and rows <= parts.shape[1] and cols <= parts.shape[2]
+    total = (parts[0] if parts.shape[0] == 1 else parts.sum(0))[:rows, :cols]
+    if t:
+        out = torch.empty((cols, rows), dtype=dtype, device=parts.device)
+        torch.mul(total, scale, out=out.t())
+        return out
+    if scale == 1.0 and dtype == torch.float32:
+        return total.contiguous()
+    out = torch.empty((rows, cols), dtype=dtype, device=parts.device)
+    return torch.mul(total, scale, out=out)
 
 
 @jit
@@ -146,7 +127,7 @@ def _skinny_tn_kernel(
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     # C[split, :, k-tile] = G[n0:n1, :R]^T @ X[n0:n1, k-tile]   (split-K over the token dim: one fp32 partial per
-    # split, summed in order afterwards by _sum_parts: deterministic, no atomics, no zero fill)
+    # split, summed afterwards by _sum_parts in a fixed order: deterministic, no atomics, no zero fill)
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_r = tl.arange(0, BLOCK_R)
@@ -172,7 +153,7 @@ def _skinny_tn(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.
     """``alpha * g^T @ x`` for tall g ``[N, r]`` and x ``[N, K]`` (r small, N large): the
     weight-gradient shape of LoRA (dA, dB). cuBLAS runs it on a handful of tiles (output is only
     ``[r, K]``); this Triton kernel splits the long N reduction over many programs instead (fp32 partials, summed
-    in a fixed order, scaled and cast by one more kernel). ``t``: return the transpose ``[K, r]``, contiguous."""
+    in a fixed order, then scaled and cast: :func:`_sum_parts`). ``t``: return the transpose ``[K, r]``, contiguous."""
     N, R = g.shape
     K = x.shape[1]
     if not (use_triton(g, x) and g.dtype == x.dtype and R <= 64 and N >= 1):
@@ -254,7 +235,7 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, scale: float 
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale dy2 @ B, scale dy2^T @ xa)`` from one read of dy2 ([M, N]; B [N, r], xa [M, r]): the two rank-r
     products of a LoRA backward that read dy, which cuBLAS runs as two full passes over it. Accumulated in fp32,
-    each summed over its partials, scaled and cast to ``g_dtype`` / ``db_dtype`` by one small kernel."""
+    each summed over its partials, scaled and cast to ``g_dtype`` / ``db_dtype`` (:func:`_sum_parts`)."""
     M, N = dy2.shape
     R = B.shape[1]
     block_r = max(16, next_pow2(R))
