@@ -219,9 +219,9 @@ DY_LAUNCH: dict[str, int] = {"block_m": 256, "block_n": 64, "programs_per_sm": 2
 
 
 def _dy_pass_launch(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, column groups, warps) for the dy pass (:data:`DY_LAUNCH`). Row blocks of 256 keep the
-    dB partials (one fp32 [N, r] row per block) at 1/8 of dy's bytes per 16 of rank (bf16); the columns are split
-    into groups until there are ~2 programs per SM (each group adds one fp32 [M, r] partial of g)."""
+    """(BLOCK_M, BLOCK_N, column groups, warps) for the dy pass, from :data:`DY_LAUNCH`. Each row block adds one
+    fp32 [N, r] partial of dB (``block_m`` 256: 1/8 of dy's bytes per 16 of rank, bf16); the columns are split into
+    groups until there are ``programs_per_sm`` programs per SM (each group adds one fp32 [M, r] partial of g)."""
     if device.type != "cuda":
         return 16, 16, min(2, triton.cdiv(N, 16)), 4  # interpreter: several blocks and groups on small shapes
     block_m, block_n = DY_LAUNCH["block_m"], DY_LAUNCH["block_n"]
