@@ -173,6 +173,7 @@ def test_dy_pass_matches_torch(cpu_interp, seed, close, M, N, r, dtype):
     xa = torch.randn(M, r, dtype=dtype)
     g, db = _dy_pass(dy, B, xa)
     assert g.dtype == db.dtype == torch.float32 and g.shape == (M, r) and db.shape == (N, r)
+    assert g.is_contiguous() and db.is_contiguous()  # rank padding sliced off, not left as a strided view
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     close(g, dy.double() @ B.double(), tol, tol, "g")
     close(db, dy.double().t() @ xa.double(), tol, tol, "dB")
