@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -492,8 +493,12 @@ def lora_parts(shape, x, W, A, B, dy, s):
 def tune_dy(copy_bw, shapes, r=16):
     """The fused dy pass (g = s dy B and dB = s dy^T xa from one read of dy, with its two partial-sum kernels) over
     harness.kernels.lora_linear.DY_LAUNCH (row block, column step, programs per SM, warps), per dy shape [M, N]:
-    GPU kernel time and the bandwidth of one read of dy, the default launch marked."""
+    GPU kernel time and the bandwidth of one read of dy, the default launch marked; beside it what the "cublas" dy
+    paths run instead: two cuBLAS GEMMs (kernels/lora_op.py's, in the compiled layers) and cuBLAS + the split-K
+    dB (lora_linear's eager path). Last, the one launch closest to each shape's best (geometric mean of the ratios)."""
     default = dict(LORA_LINEAR.DY_LAUNCH)
+    dkey = (default["block_m"], default["block_n"], default["programs_per_sm"], default["warps"])
+    table = {}  # launch -> [time / best time per shape]
     for M, N in shapes:
         dy = torch.randn(M, N, device=DEV, dtype=DT)
         B = torch.randn(N, r, device=DEV, dtype=DT)
@@ -501,7 +506,7 @@ def tune_dy(copy_bw, shapes, r=16):
         ref_g, ref_db = (dy.float() @ B.float()) * 0.5, (dy.float().t() @ xa.float()) * 0.5
         results = []
         for bm in (64, 128, 256):
-            for bn in (32, 64, 128):
+            for bn in (64, 128):
                 for pps in (1, 2, 4):
                     for warps in (4, 8):
                         LORA_LINEAR.DY_LAUNCH.update(block_m=bm, block_n=bn, programs_per_sm=pps, warps=warps)
@@ -518,12 +523,25 @@ def tune_dy(copy_bw, shapes, r=16):
                             results.append((t, bm, bn, pps, warps, err))
         one_read_us = M * N * dy.element_size() / (copy_bw * 1e9) * 1e6  # dy's bytes at the copy rate
         results.sort()
-        dkey = (default["block_m"], default["block_n"], default["programs_per_sm"], default["warps"])
-        shown = results[:5] + [x for x in results[5:] if x[1:5] == dkey]  # the five fastest, and the default
+        for t, *key, _ in results:
+            table.setdefault(tuple(key), []).append(t / results[0][0])
+        shown = results[:3] + [x for x in results[3:] if x[1:5] == dkey]  # the three fastest, and the default
         for t, bm, bn, pps, warps, err in shown:
             mark = " (default)" if (bm, bn, pps, warps) == dkey else ""
             print(f"  tune dy [{M},{N}] block_m {bm} block_n {bn} programs/SM {pps} warps {warps}: "
                   f"{t * 1e3:.1f} us, rel err {err:.1e}; one read of dy {one_read_us:.1f} us{mark}", flush=True)
+        pair = gbench(lambda: (LORA_LINEAR._mm_scaled(dy, B, 0.5), LORA_LINEAR._mm_scaled(dy.t(), xa, 0.5)), iters=5)
+        split = gbench(lambda: (LORA_LINEAR._mm_scaled(dy, B, 0.5), LORA_LINEAR._skinny_tn(xa, dy, 0.5, DT, t=True)),
+                       iters=5)
+        print(f"  tune dy [{M},{N}] cublas paths: two cuBLAS GEMMs (lora_op) {pair * 1e3:.1f} us, cuBLAS + split-K "
+              f"dB (lora_linear) {split * 1e3:.1f} us; fused best {results[0][0] * 1e3:.1f} us", flush=True)
+    n = len(shapes)
+    uniform = sorted((math.exp(sum(math.log(v) for v in vs) / n), k) for k, vs in table.items() if len(vs) == n)
+    for gm, (bm, bn, pps, warps) in uniform[:3]:
+        print(f"  tune dy uniform: block_m {bm} block_n {bn} programs/SM {pps} warps {warps}: geometric mean "
+              f"{gm:.3f}x of each shape's best{' (default)' if (bm, bn, pps, warps) == dkey else ''}", flush=True)
+    if dkey in table and len(table[dkey]) == n:
+        print(f"  tune dy uniform: the default: {math.exp(sum(math.log(v) for v in table[dkey]) / n):.3f}x", flush=True)
 
 
 def bench_lora_qkv(N, H, r=16):
@@ -608,7 +626,10 @@ def main():
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
     if "lora" in only and args.tune_dy:
-        tune_dy(copy_bw, [(N, 1536), (N, 3584), (N, 18944), (2048, 8960), (2048, 1536)])
+        # the M = 8,192 kernel shapes, the tiled MLP's 2,048-row tiles, then the anchor's other dy shapes (4 x 1,024
+        # tokens: q/o, k/v; 4 x 32 x 32 patches: vision qkv, proj/fc2, fc1)
+        tune_dy(copy_bw, [(N, 1536), (N, 3584), (N, 18944), (2048, 8960), (2048, 1536), (4096, 1536), (4096, 256),
+                          (4096, 3840), (4096, 1280), (4096, 5120)])
     if args.tune or args.tune_only:
         for H in hiddens:
             if "rms" in only:
