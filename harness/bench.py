@@ -463,7 +463,7 @@ def _label(r):
         name += " (inductor " + ", ".join(f"{k}={v}" for k, v in r["inductor"].items()) + ")"
     if r.get("lora_op") is False:  # kernels.lora_op is the default: label the rows without it
         name += " (no lora_op)"
-    if r.get("lora_paths") not in (None, "cublas"):  # kernels.lora_paths: label the rows off the default
+    if r.get("lora_paths") not in (None, "auto"):  # kernels.lora_paths: label the rows off the default
         name += f" (lora_paths {r['lora_paths']})"
     return name if m == "anchor" else f"{name} [{m}]"
 
@@ -607,8 +607,7 @@ def bench_mode(bench, out_dir) -> list[dict]:
         harness_only += ["--inductor", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
     if not getattr(bench, "lora_op", True):
         harness_only.append("--no-lora-op")
-    if getattr(bench, "lora_paths", "cublas") != "cublas":
-        harness_only += ["--lora-paths", bench.lora_paths]
+    harness_only += ["--lora-paths", getattr(bench, "lora_paths", "auto")]  # always: a stack's paths as configured
     common_of = {s: common + (harness_only if s.startswith("harness") else []) for s in bench.stacks}
     plan = [(s, common_of[s] + ["--gc", bench.gc]) for s in bench.stacks]
     if bench.trainer:  # the harness stacks again, through the training loop a `harness` run uses
@@ -674,7 +673,7 @@ def main():
                          "kernels/lora_op.py); --no-lora-op: traced addmm")
     ap.add_argument("--lora-paths", choices=["cublas", "auto"], default=None,
                     help="harness stacks: the LoRA GEMMs' kernel paths (kernels.lora_paths; default: as they are, i.e. "
-                         "cublas unless HARNESS_LORA_PATHS says otherwise)")
+                         "auto unless HARNESS_LORA_PATHS says otherwise)")
     ap.add_argument("--no-host-prep", action="store_true",
                     help="harness stacks: positions and vision segments computed in the forward (harness/host_prep.py)")
     ap.add_argument("--compile-mode", default="default",

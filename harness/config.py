@@ -190,10 +190,10 @@ class KernelsConfig:
     # addmm (1,108 copies, 12.75 ms of a 172 ms step in the 2026-12-05 H100 profile). On: +8.3% tokens/s on the
     # anchor workload, same loss and peak (H100, 2026-12-06, docs/benchmarks.md); false: traced addmm
     lora_op: bool = True
-    # the LoRA linears' kernels on a GPU (kernels/lora_linear.py PATHS): cublas (the measured default) | auto (Triton
-    # GEMMs with the rank-r product in their epilogue and one read of dy for g and dB where they win: +2.4% tokens/s
-    # on the anchor workload, H200, 2026-12-06; opt-in until a GPU loss A/B and the GPU tests have run)
-    lora_paths: str = "cublas"
+    # the LoRA linears' kernels on a GPU (kernels/lora_linear.py PATHS): auto (Triton GEMMs with the rank-r product in
+    # their epilogue, and one read of dy for g and dB, where each wins: +4.6% / +5.1% tokens/s on the anchor workload
+    # over cublas, H100, 2026-12-07, gradients as close to fp32 or closer; docs/kernels.md run 9) | cublas (cuBLAS only)
+    lora_paths: str = "auto"
     # Qwen2-VL family: M-RoPE positions, vision segments and image-token slots computed by the collator on the
     # host, so the forward never waits on the GPU (harness/host_prep.py); on any device unless enabled=false
     host_prep: bool = True
@@ -230,7 +230,7 @@ class BenchConfig:
     trainer: bool = False  # also run the harness stacks through harness.train's SFTTrainer (a `harness` run's loop)
     inductor: dict = field(default_factory=dict)  # harness stacks: torch._inductor.config overrides, e.g. +bench.inductor.combo_kernels=true
     lora_op: bool = True  # harness stacks: kernels.lora_op (LoRA sums in the harness::lora_mm op); false for an A/B
-    lora_paths: str = "cublas"  # harness stacks: kernels.lora_paths (cublas | auto) for an A/B
+    lora_paths: str = "auto"  # harness stacks: kernels.lora_paths (auto | cublas) for an A/B
 
 
 @dataclass

@@ -15,7 +15,8 @@ Backward, "cublas" path (dX, dA, dB; dW / db only if they require grad)::
 
 Beside cuBLAS every rank-r product is a full pass over an activation, and the beta=1 adds cost two more (the
 rank-r term written as an [N, out] or [N, in] tensor, then read back as the GEMM's C). So on a GPU (and in the
-interpreter) :data:`PATHS` can take instead (``"auto"`` picks per shape, :func:`_paths`):
+interpreter) :data:`PATHS` can take instead (``"auto"``, the default, picks per shape, :func:`_paths`; ``"cublas"``
+keeps the cuBLAS path above everywhere):
 
 * forward "epilogue": ``xa`` by cuBLAS, then one Triton GEMM (:func:`harness.kernels.lora_gemm.gemm_rank_epilogue`)
   adding ``(s xa) B^T`` and the bias in its epilogue: y written once, never re-read;
@@ -215,7 +216,9 @@ def _dy_pass_kernel(
 
 # The dy pass's launch on a GPU (kernels_bench.py --tune-dy sweeps it): row block, column step, programs per SM
 # the column groups aim for, warps.
-DY_LAUNCH: dict[str, int] = {"block_m": 256, "block_n": 64, "programs_per_sm": 2, "warps": 8}
+# H100, 10 dy shapes (docs/kernels.md run 9): this launch is within 3.5% of each shape's best (geometric mean);
+# the previous one (block_n 64, 2 programs per SM) 14.6%.
+DY_LAUNCH: dict[str, int] = {"block_m": 256, "block_n": 128, "programs_per_sm": 1, "warps": 8}
 
 
 def _dy_pass_launch(M: int, N: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -260,10 +263,10 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, scale: float 
 #   dx  "epilogue": one Triton GEMM dy W adding (s g) A in its epilogue; "cublas": s g A, then += dy W (beta=1).
 #   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
 # "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
-# Default: cublas, the path every training number in docs/ was measured with. The Triton paths are opt-in
-# (kernels.lora_paths=auto, HARNESS_LORA_PATHS=auto or set_paths): +2.4% tokens/s on the anchor workload (H200,
-# two rounds), kernels checked in bf16 at six real shapes, but the GPU tests and a loss A/B have not run yet.
-PATHS: dict[str, str] = {"fwd": "cublas", "dx": "cublas", "dy": "cublas"}
+# Default: auto (kernels.lora_paths, HARNESS_LORA_PATHS or set_paths; "cublas" keeps cuBLAS everywhere): +4.6% and
+# +5.1% tokens/s on the anchor workload over cublas (H100, two rounds), LoRA gradients as close to an fp32 truth as
+# cuBLAS's or closer at every module kind (benchmarks/lora_paths_precision.py; docs/kernels.md run 9).
+PATHS: dict[str, str] = {"fwd": "auto", "dx": "auto", "dy": "auto"}
 _CHOICES = {"fwd": ("auto", "epilogue", "cublas"), "dx": ("auto", "epilogue", "cublas"),
             "dy": ("auto", "fused", "cublas")}
 
@@ -290,13 +293,21 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str, str]:
+# dy "auto" beside two plain cuBLAS GEMMs (kernels/lora_op.py's "cublas"): the fused pass from this many dy elements
+# up. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at [8192, 18944]; a tie at [8192, 1536] and [8192, 3584]
+# (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all).
+DY_FUSED_MIN_ELEMENTS = 1 << 26
+
+
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, plain_cublas_dy: bool = False) -> tuple[str, str, str]:
     """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
     the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
     least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
-    at least twice over in 128 x 256 tiles; the fused dy pass always. Measured on an H200 (docs/kernels.md, run 7):
-    the epilogue GEMMs win at every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one
-    wave: cuBLAS splits K there, our GEMM does not)."""
+    at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
+    every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
+    our GEMM does not). The fused dy pass: always beside lora_linear's cublas dy path (cuBLAS g + the split-K dB,
+    which it beats at 9 of 10 measured shapes); beside two plain cuBLAS GEMMs (``plain_cublas_dy``: the lora_op)
+    only for dy of at least :data:`DY_FUSED_MIN_ELEMENTS`."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
@@ -309,7 +320,7 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str,
     if dx == "auto":
         dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
-        dy = "fused"
+        dy = "fused" if not plain_cublas_dy or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
     return fwd, dx, dy
 
 

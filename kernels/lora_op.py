@@ -15,9 +15,10 @@ in-place add stays in place:
   weight gradients, when asked for, come from the autograd wrapper.
 
 On a GPU (and under the interpreter) they take the kernel paths chosen in :data:`harness.kernels.lora_linear.PATHS`
-(``kernels.lora_paths``): cuBLAS by default; with ``auto``, the Triton GEMMs with the rank-r product in their epilogue
+(``kernels.lora_paths``): with ``auto`` (the default), the Triton GEMMs with the rank-r product in their epilogue
 where they win (:func:`harness.kernels.lora_linear._paths`; only for a contiguous ``w``) and the fused dy pass (``g``
-and ``dB`` from one read of dy). Deterministic for a given launch config: no atomics, partial sums in a fixed order.
+and ``dB`` from one read of dy) where it beats this op's two cuBLAS GEMMs (large dy only); ``cublas``: cuBLAS
+everywhere. Deterministic for a given launch config: no atomics, partial sums in a fixed order.
 In the inputs' dtype, for 2-D ``x``. The reference is
 :func:`harness.kernels.lora_linear.lora_linear_reference`; tests compare the two, eager and compiled.
 """
@@ -43,7 +44,8 @@ def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torc
 def _op_paths(x: torch.Tensor, w: torch.Tensor) -> tuple[str, str, str]:
     """lora_linear's (fwd, dx, dy) kernel paths for ``x [M, K] -> [M, N]``; the Triton GEMMs only for a contiguous
     ``w`` (the tiled MLP's backward passes ``W^T`` views, which would take the slower pointer-load kernels)."""
-    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device))
+    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device),
+                  plain_cublas_dy=True)
 
 
 @lora_mm.register_fake

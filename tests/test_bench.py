@@ -221,8 +221,8 @@ def _check_inductor_options(ic, set_inductor_options, _label):
         "harness16 (inductor combo_kernels=True, max_autotune=False)"
     assert _label({"stack": "harness16", "lora_op": False}) == "harness16 (no lora_op)"
     assert _label({"stack": "harness16", "lora_op": True}) == "harness16"
-    assert _label({"stack": "harness16", "lora_paths": "auto"}) == "harness16 (lora_paths auto)"
-    assert _label({"stack": "harness16", "lora_paths": "cublas"}) == "harness16"
+    assert _label({"stack": "harness16", "lora_paths": "cublas"}) == "harness16 (lora_paths cublas)"
+    assert _label({"stack": "harness16", "lora_paths": "auto"}) == "harness16"
     assert set_inductor_options([]) == {}
 
 

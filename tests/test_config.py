@@ -118,7 +118,7 @@ def test_kernel_switches_reach_accelerate_model(compose, monkeypatch):
     seen.clear()
     pipeline.accelerate(run, model=None)
     assert seen["lora_op"] is True and run.bench.lora_op is True
-    assert seen["lora_paths"] == "cublas"  # the measured default
+    assert seen["lora_paths"] == "auto"  # the measured default
 
 
 def test_lora_paths_is_validated_and_reaches_the_kernels(compose, monkeypatch):
@@ -160,8 +160,8 @@ def test_kernel_switch_defaults_agree_between_harness_and_library():
             assert (lib[name], harness[name]) == (False, "auto")
             continue
         if name == "lora_paths":  # the library leaves the paths as they are (None); a harness run sets them
-            assert (lib[name], harness[name]) == (None, "cublas")
-            assert yaml_kernels[name] == "cublas"
+            assert (lib[name], harness[name]) == (None, "auto")
+            assert yaml_kernels[name] == "auto"
             continue
         assert harness[name] == lib[name], f"kernels.{name}: harness {harness[name]!r} vs library {lib[name]!r}"
         if name in yaml_kernels:

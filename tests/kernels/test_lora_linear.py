@@ -146,8 +146,9 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
 
 def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
     """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
-    K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always; plain
-    cuBLAS everywhere when Triton cannot run. (The H200 measurements these rules follow: docs/kernels.md run 7.)"""
+    K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always beside
+    lora_linear's split-K dB, and beside the lora_op's two cuBLAS GEMMs only for dy of 2^26 elements or more; plain
+    cuBLAS everywhere when Triton cannot run. (The measurements these rules follow: docs/kernels.md runs 7 and 9.)"""
     mod = importlib.import_module("harness.kernels.lora_linear")
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
     _paths = mod._paths
@@ -159,6 +160,13 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     assert _paths(4096, 1280, 5120, True, 132) == ("cublas", "epilogue", "fused")  # 160 tiles: not two waves
     assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")  # square q / o
     assert _paths(8192, 1536, 1536, False, 132) == ("cublas", "cublas", "cublas")
+    # beside two plain cuBLAS GEMMs (the lora_op's cublas dy path) the fused dy pass only for a large dy
+    assert _paths(8192, 18944, 3584, True, 132, plain_cublas_dy=True)[2] == "fused"  # 155 M elements
+    assert _paths(8192, 3584, 18944, True, 132, plain_cublas_dy=True)[2] == "cublas"  # 29 M: a tie on the H100
+    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=True) == ("epilogue", "cublas", "cublas")
+    assert mod.DY_FUSED_MIN_ELEMENTS == 1 << 26
+    monkeypatch.setitem(mod.PATHS, "dy", "fused")  # an explicit choice is kept
+    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=True)[2] == "fused"
 
 
 @pytest.mark.parametrize("M,N,r", [(37, 50, 4), (64, 33, 16), (5, 130, 20)])
