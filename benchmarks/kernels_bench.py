@@ -483,7 +483,9 @@ def lora_parts(shape, x, W, A, B, dy, s):
         "fused dy pass (g, dB)": lambda: LORA_LINEAR._dy_pass(dy, B, xa, s, DT, DT),
         "g = dy B (cuBLAS)": lambda: dy @ B,
         "dB = dy^T xa (split-K)": lambda: LORA_LINEAR._skinny_tn(xa, dy, s, DT, t=True),
+        "dB = dy^T xa (cuBLAS)": lambda: LORA_LINEAR._mm_scaled(dy.t(), xa, s),
         "dA = g^T x (split-K)": lambda: LORA_LINEAR._skinny_tn(g, x, 1.0, DT),
+        "dA = g^T x (cuBLAS)": lambda: torch.mm(g.t(), x),
     }
     for name, fn in parts.items():
         t = gbench(fn)

@@ -10,8 +10,8 @@ Backward, "cublas" path (dX, dA, dB; dW / db only if they require grad)::
 
     gs = s * dy @ B                        # [N, r], s folded into the GEMM
     dx = gs @ A;  dx += dy @ W             # beta=1 again
-    dA = gs^T @ x;  dB = s * dy^T @ xa     # split-K Triton kernels (fp32 partials summed in a fixed order, then
-                                           # scaled and cast: no atomics, deterministic)
+    dA = gs^T @ x;  dB = s * dy^T @ xa     # one cuBLAS GEMM each (RANK_GRADS; "splitk": a split-K Triton kernel,
+                                           # fp32 partials summed in a fixed order, no atomics)
 
 Beside cuBLAS every rank-r product is a full pass over an activation, and the beta=1 adds cost two more (the
 rank-r term written as an [N, out] or [N, in] tensor, then read back as the GEMM's C). So on a GPU (and in the
@@ -214,6 +214,21 @@ def _dy_pass_kernel(
     tl.store(GP + (pid_c * M + rows64[:, None]) * BLOCK_R + orr[None, :], g, mask=rmask[:, None])
 
 
+# dA = g^T x and dB = dy^T xa (outside the fused dy pass) in lora_linear's backward: "cublas", one GEMM each (alpha
+# folded), or "splitk", :func:`_skinny_tn` (fp32 partials: an fp32 result). H100, docs/kernels.md run 9: the split-K
+# dB is 2.8-10.5 us slower than cuBLAS's at each of 10 dy shapes (with its partial sums), so cuBLAS by default.
+RANK_GRADS = "cublas"
+
+
+def _rank_grad(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.dtype, t: bool = False) -> torch.Tensor:
+    """``alpha * g^T @ x`` (``[r, K]``; ``t``: its transpose ``[K, r]``, contiguous) in ``out_dtype``, by
+    :data:`RANK_GRADS`."""
+    if RANK_GRADS == "splitk":
+        return _skinny_tn(g, x, alpha, out_dtype, t=t)
+    c = _mm_scaled(x.t(), g, alpha) if t else _mm_scaled(g.t(), x, alpha)
+    return c if c.dtype == out_dtype else c.to(out_dtype)
+
+
 # The dy pass's launch on a GPU (kernels_bench.py --tune-dy sweeps it): row block, column step, programs per SM
 # the column groups aim for, warps.
 # H100, 10 dy shapes (docs/kernels.md run 9): this launch is within 3.5% of each shape's best (geometric mean);
@@ -362,7 +377,8 @@ class LoRALinearFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = torch.mm(x2, A.t())
             y = _rank_forward(x2, W, xa, B, b, scale, paths[0])
-        ctx.save_for_backward(x2, xa, weight, lora_A, lora_B, bias)
+        ctx.save_for_backward(x2, xa, weight, A, B, bias)  # A, B as cast here: the backward casts nothing again
+        ctx.ab_dtypes = (lora_A.dtype, lora_B.dtype)
         ctx.paths = paths
         ctx.nf4 = nf4
         ctx.scale = scale
@@ -373,19 +389,18 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x2, xa, weight, lora_A, lora_B, bias = ctx.saved_tensors
+        x2, xa, weight, A, B, bias = ctx.saved_tensors
         cdt, s = ctx.cdt, ctx.scale
+        a_dtype, b_dtype = ctx.ab_dtypes
         M = dy.shape[-1]
         dy2 = _cast(dy.reshape(-1, M), cdt)
-        A = _cast(lora_A, cdt)
-        B = _cast(lora_B, cdt)
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         dx = dw = db = dA = dB = None
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
             gs = None  # s dy B
             if dy_path == "fused" and need_bb and (need_x or need_a):
-                gs, dB = _dy_pass(dy2, B, xa, s, cdt, lora_B.dtype)  # one read of dy for g and dB
+                gs, dB = _dy_pass(dy2, B, xa, s, cdt, b_dtype)  # one read of dy for g and dB
             elif need_x or need_a:
                 gs = _mm_scaled(dy2, B, s)  # [N, r]
             if need_x:
@@ -394,9 +409,9 @@ class LoRALinearFunction(torch.autograd.Function):
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
             if need_a:
-                dA = _skinny_tn(gs, x2, 1.0, lora_A.dtype)  # [r, K]
+                dA = _rank_grad(gs, x2, 1.0, a_dtype)  # g^T x: [r, K]
             if need_bb and dB is None:
-                dB = _skinny_tn(xa, dy2, s, lora_B.dtype, t=True)  # (xa^T dy)^T = dy^T xa: [M, r]
+                dB = _rank_grad(xa, dy2, s, b_dtype, t=True)  # (xa^T dy)^T = dy^T xa: [N, r]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

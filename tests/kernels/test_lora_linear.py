@@ -144,6 +144,25 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
     _assert_matches_float64(close, (y, dx, dA, dB), x, W, b, A, B, dy, s, dtype)
 
 
+@pytest.mark.parametrize("rank_grads", ["cublas", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rank_grads_either_way(cpu_interp, seed, close, monkeypatch, rank_grads, dtype):
+    """dA and dB outside the fused dy pass, by one GEMM each or by the split-K kernel, in the adapters' dtype: both
+    PEFT's math (float64 reference), odd shape, fp32 adapters."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "RANK_GRADS", rank_grads)
+    monkeypatch.setattr(mod, "PATHS", dict.fromkeys(("fwd", "dx", "dy"), "cublas"))
+    T, K, N, r = 53, 37, 29, 5
+    x = torch.randn(T, K, dtype=dtype).requires_grad_(True)
+    W = (torch.randn(N, K) / K**0.5).to(dtype)
+    A = (torch.randn(r, K) / K**0.5).requires_grad_(True)
+    B = torch.randn(N, r).requires_grad_(True)
+    dy = torch.randn(T, N, dtype=dtype)
+    y, dx, dA, dB = _grads(lambda: lora_linear(x, W, None, A, B, 0.75), x, A, B, dy)
+    assert dA.dtype == dB.dtype == torch.float32 and dB.is_contiguous()
+    _assert_matches_float64(close, (y, dx, dA, dB), x, W, None, A, B, dy, 0.75, dtype)
+
+
 def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
     """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
     K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always beside
