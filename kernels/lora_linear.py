@@ -276,7 +276,7 @@ def _dy_pass(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, scale: float 
 #   fwd "epilogue": xa = x A^T (cuBLAS), then one Triton GEMM adding (s xa) B^T in its epilogue (lora_gemm);
 #       "cublas": the rank-r term written as y, then y += x W^T by cuBLAS (beta=1).
 #   dx  "epilogue": one Triton GEMM dy W adding (s g) A in its epilogue; "cublas": s g A, then += dy W (beta=1).
-#   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS/split-K passes.
+#   dy  "fused": g = dy B and dB = dy^T xa from one read of dy (_dy_pass); "cublas": two cuBLAS GEMMs (RANK_GRADS).
 # "auto" picks per shape (see _paths); the benchmark (benchmarks/kernels_bench.py) sets each to time it.
 # Default: auto (kernels.lora_paths, HARNESS_LORA_PATHS or set_paths; "cublas" keeps cuBLAS everywhere): +4.6% and
 # +5.1% tokens/s on the anchor workload over cublas (H100, two rounds), LoRA gradients as close to an fp32 truth as
@@ -314,15 +314,17 @@ if os.environ.get("HARNESS_LORA_PATHS"):
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, plain_cublas_dy: bool = False) -> tuple[str, str, str]:
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
+           plain_cublas_dy: bool | None = None) -> tuple[str, str, str]:
     """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
     the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
     least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
     at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
     every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
-    our GEMM does not). The fused dy pass: always beside lora_linear's cublas dy path (cuBLAS g + the split-K dB,
-    which it beats at 9 of 10 measured shapes); beside two plain cuBLAS GEMMs (``plain_cublas_dy``: the lora_op)
-    only for dy of at least :data:`DY_FUSED_MIN_ELEMENTS`."""
+    our GEMM does not). The fused dy pass, H100 (run 9): where the cublas dy path is two plain cuBLAS GEMMs
+    (``plain_cublas_dy``: the lora_op always; lora_linear with :data:`RANK_GRADS` "cublas", the default) only for dy
+    of at least :data:`DY_FUSED_MIN_ELEMENTS`; beside cuBLAS g + the split-K dB (``RANK_GRADS = "splitk"``), which it
+    beats at 9 of 10 measured shapes, always."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
@@ -335,6 +337,8 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, plain_cublas_dy: b
     if dx == "auto":
         dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
+        if plain_cublas_dy is None:
+            plain_cublas_dy = RANK_GRADS == "cublas"
         dy = "fused" if not plain_cublas_dy or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
     return fwd, dx, dy
 

@@ -172,6 +172,7 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
     _paths = mod._paths
 
+    monkeypatch.setattr(mod, "RANK_GRADS", "splitk")  # beside cuBLAS g + the split-K dB: the fused dy pass always
     assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "fused")  # tiled MLP up: dx 96 tiles
     assert _paths(2048, 1536, 8960, True, 132) == ("cublas", "epilogue", "fused")  # tiled MLP down: y 96 tiles
     assert _paths(8192, 18944, 3584, True, 132) == ("epilogue", "epilogue", "fused")  # 896-tile dx: fills
@@ -179,10 +180,13 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     assert _paths(4096, 1280, 5120, True, 132) == ("cublas", "epilogue", "fused")  # 160 tiles: not two waves
     assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")  # square q / o
     assert _paths(8192, 1536, 1536, False, 132) == ("cublas", "cublas", "cublas")
-    # beside two plain cuBLAS GEMMs (the lora_op's cublas dy path) the fused dy pass only for a large dy
-    assert _paths(8192, 18944, 3584, True, 132, plain_cublas_dy=True)[2] == "fused"  # 155 M elements
-    assert _paths(8192, 3584, 18944, True, 132, plain_cublas_dy=True)[2] == "cublas"  # 29 M: a tie on the H100
-    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=True) == ("epilogue", "cublas", "cublas")
+    # beside two plain cuBLAS GEMMs (the lora_op's cublas dy path; lora_linear's with RANK_GRADS "cublas", the
+    # default) the fused dy pass only for a large dy
+    monkeypatch.setattr(mod, "RANK_GRADS", "cublas")
+    assert _paths(8192, 18944, 3584, True, 132)[2] == "fused"  # 155 M elements
+    assert _paths(8192, 3584, 18944, True, 132)[2] == "cublas"  # 29 M: a tie on the H100
+    assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "cublas")
+    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=False)[2] == "fused"
     assert mod.DY_FUSED_MIN_ELEMENTS == 1 << 26
     monkeypatch.setitem(mod.PATHS, "dy", "fused")  # an explicit choice is kept
     assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=True)[2] == "fused"
