@@ -59,13 +59,14 @@ case "$part" in
         timeout "${STACK_TIMEOUT:-150}" python3 -m harness.bench --stack harness16 $v 2>&1 | tail -1
       done
     done | tee "$out/ab.txt" ;;
-  paths)  # kernels.lora_paths: GPU tests of the Triton LoRA paths, their kernel sweep (y/dx/dA/dB checked), then the
+  paths)  # kernels.lora_paths: GPU tests of the Triton LoRA paths, their kernel sweep (y/dx/dA/dB checked; ITERS calls per
+    # profiler measurement), the grouped gate/up and q/k/v beside them, then the
     # anchor A/B auto vs cublas, ROUNDS rounds alternating the order, whole JSON rows (loss included) kept
     python3 -m pytest -q -m gpu tests/kernels/test_lora_linear.py tests/kernels/test_lora_op.py \
       tests/kernels/test_tiled_mlp.py 2>&1 | tail -15 | tee "$out/paths_tests.txt"
     HARNESS_LORA_PATHS=auto timeout "${WHOLE_TIMEOUT:-150}" python3 -m pytest -q -m gpu tests/test_gpu.py \
       -k whole_model -s 2>&1 | grep -E "loss|passed|failed|Error" | tee "$out/paths_whole_model.txt"  # loss + LoRA grads, kernels vs reference
-    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/kernels_bench.py --quick --only lora --lora-paths --out "$out" \
+    timeout "${BENCH_TIMEOUT:-200}" python3 benchmarks/kernels_bench.py --quick --only lora --lora-paths --iters "${ITERS:-10}" --out "$out" \
       > "$out/paths_kernels.txt" 2>&1; grep -E "check|lora_linear paths e.*/e.*/f|lora_linear paths cublas/cublas/cublas" \
       "$out/paths_kernels.txt"
     for round in $(seq "${ROUNDS:-2}"); do

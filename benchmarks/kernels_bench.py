@@ -71,12 +71,15 @@ def kernel_breakdown(fn, iters=10):
     return out
 
 
-def gbench(fn, iters=10):
+PROFILE_ITERS = 10  # --iters: calls per torch.profiler measurement (gbench's default)
+
+
+def gbench(fn, iters=None):
     """GPU kernel time per call (ms): sum of the CUDA kernel durations recorded by torch.profiler,
     i.e. the time without Python / launch overhead. (CUDA-graph capture of autograd backward was
     tried first and broke the CUDA context on torch 2.11, so it is not used.)"""
     try:
-        total = sum(kernel_breakdown(fn, iters).values())
+        total = sum(kernel_breakdown(fn, iters or PROFILE_ITERS).values())
         return total if total > 0 else None
     except Exception as e:  # pragma: no cover
         print(f"    (profiler timing failed: {type(e).__name__}: {str(e)[:80]})")
@@ -394,6 +397,8 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
     row("lora_linear fused fwd+bwd", shape, fused_b,
         note=f"overhead vs base {100 * (fused / base - 1):+.1f}%{kernel_note(fused_b, base_b)}; paths {paths}")
     lora_paths_sweep(shape, lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy, base_b)
+    print_breakdown(f"lora_linear default paths {shape}", grad_fn(lambda: lora_linear(x, W, None, A, B, s), (x, A, B), dy))
+    print_breakdown(f"base matmul {shape}", grad_fn(lambda: F.linear(x, W), (x,), dy))
     if adapter_dtype == DT:
         lora_parts(shape, x.detach(), W, A.detach(), B.detach(), dy, s)
     if paths_only:  # the spot check of every path, then done
@@ -445,6 +450,18 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
         fused4 = bench(grad_fn(lambda: lora_linear(x, None, None, A, B, s, nf4=(packed, qs)), (x, A, B), dy))
         row("lora_linear nf4 fused fwd+bwd", shape, fused4, note=f"vs 16-bit base {100 * (fused4 / base - 1):+.1f}%")
     return base, fused
+
+
+def print_breakdown(label, fn):
+    """Each CUDA kernel of ``fn`` (us per call, torch.profiler), largest first, and their sum: where the time goes."""
+    try:
+        parts = kernel_breakdown(fn, PROFILE_ITERS)
+    except Exception as e:  # pragma: no cover
+        print(f"  kernels of {label}: profiler failed ({type(e).__name__})", flush=True)
+        return
+    print(f"  kernels of {label}: {sum(parts.values()) * 1e3:.1f} us in {len(parts)} kernels", flush=True)
+    for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"    {ms * 1e3:8.1f} us  {name[:110]}", flush=True)
 
 
 def lora_paths_sweep(shape, fn, inputs, dy, base_b):
@@ -542,27 +559,51 @@ def tune_dy(copy_bw, shapes, r=16):
     for gm, (bm, bn, pps, warps) in uniform[:3]:
         print(f"  tune dy uniform: block_m {bm} block_n {bn} programs/SM {pps} warps {warps}: geometric mean "
               f"{gm:.3f}x of each shape's best{' (default)' if (bm, bn, pps, warps) == dkey else ''}", flush=True)
-    if dkey in table and len(table[dkey]) == n:
-        print(f"  tune dy uniform: the default: {math.exp(sum(math.log(v) for v in table[dkey]) / n):.3f}x", flush=True)
+    default_gm = [gm for gm, k in uniform if k == dkey]
+    if default_gm:
+        print(f"  tune dy uniform: the default: {default_gm[0]:.3f}x", flush=True)
+
+
+def bench_lora_group(N, H, outs, label, r=16, bias=False):
+    """n LoRA projections on one x (q/k/v, gate/up): the base GEMMs, n separate lora_linear calls and one
+    lora_linear_grouped call (default paths and cublas), fwd+bwd, do_bench and GPU kernel time."""
+    x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
+    Ws = [torch.randn(m, H, device=DEV, dtype=DT) / H**0.5 for m in outs]
+    bs = [torch.randn(m, device=DEV, dtype=DT) if bias else None for m in outs]
+    As = [(torch.randn(r, H, device=DEV, dtype=DT) / H**0.5).requires_grad_(True) for _ in outs]
+    Bs = [(torch.randn(m, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True) for m in outs]
+    dys = [torch.randn(N, m, device=DEV, dtype=DT) for m in outs]
+    shape = f"x[{N},{H}] {label} r{r}"
+    base = both(grad_fn(lambda: [F.linear(x, W, b) for W, b in zip(Ws, bs)], (x,), dys))
+    row(f"{label} base matmuls fwd+bwd", shape, base)
+    sep = both(grad_fn(lambda: [lora_linear(x, W, b, A, B, 2.0) for W, b, A, B in zip(Ws, bs, As, Bs)],
+                       (x, *As, *Bs), dys))
+    row(f"{label} {len(outs)}x lora_linear fwd+bwd", shape, sep,
+        note=f"overhead vs base {100 * (sep[0] / base[0] - 1):+.1f}%{kernel_note(sep, base)}")
+    before = dict(LORA_LINEAR.PATHS)
+    for spec in ("default", "cublas"):
+        if spec != "default":
+            LORA_LINEAR.set_paths(spec)
+        try:
+            grp = both(grad_fn(lambda: lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * len(outs)), (x, *As, *Bs), dys))
+        finally:
+            LORA_LINEAR.PATHS.update(before)
+        row(f"{label} lora_linear_grouped fwd+bwd{'' if spec == 'default' else ' (paths ' + spec + ')'}", shape, grp,
+            note=f"overhead vs base {100 * (grp[0] / base[0] - 1):+.1f}%{kernel_note(grp, base)}")
+    ys = lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * len(outs))
+    got = (*ys, *torch.autograd.grad(ys, (x, *As, *Bs), dys))
+    x32 = x.detach().float().requires_grad_(True)
+    A32, B32 = [a.detach().float().requires_grad_(True) for a in As], [b.detach().float().requires_grad_(True) for b in Bs]
+    yr = [lora_linear_reference(x32, W.float(), None if b is None else b.float(), a, bb, 2.0)
+          for W, b, a, bb in zip(Ws, bs, A32, B32)]
+    ref = (*yr, *torch.autograd.grad(yr, (x32, *A32, *B32), [d.float() for d in dys]))
+    check(f"{label} grouped y/dx/dA/dB {shape}", max(rel(a, e) for a, e in zip(got, ref)), 2e-2)
 
 
 def bench_lora_qkv(N, H, r=16):
     D = 128
     hq, hk = H // D, max(2, H // D // 7)
-    x = torch.randn(N, H, device=DEV, dtype=DT, requires_grad=True)
-    outs = [hq * D, hk * D, hk * D]
-    Ws = [torch.randn(m, H, device=DEV, dtype=DT) / H**0.5 for m in outs]
-    bs = [torch.randn(m, device=DEV, dtype=DT) for m in outs]
-    As = [(torch.randn(r, H, device=DEV, dtype=DT) / H**0.5).requires_grad_(True) for _ in outs]
-    Bs = [(torch.randn(m, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True) for m in outs]
-    dys = [torch.randn(N, m, device=DEV, dtype=DT) for m in outs]
-    shape = f"x[{N},{H}] q{outs[0]} k{outs[1]} v{outs[2]} r{r}"
-    base = bench(grad_fn(lambda: [F.linear(x, W, b) for W, b in zip(Ws, bs)], (x,), dys))
-    row("qkv base matmuls fwd+bwd", shape, base)
-    sep = bench(grad_fn(lambda: [lora_linear(x, W, b, A, B, 2.0) for W, b, A, B in zip(Ws, bs, As, Bs)], (x, *As, *Bs), dys))
-    row("qkv 3x lora_linear fwd+bwd", shape, sep, note=f"overhead vs base {100 * (sep / base - 1):+.1f}%")
-    grp = bench(grad_fn(lambda: lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * 3), (x, *As, *Bs), dys))
-    row("qkv lora_linear_grouped fwd+bwd", shape, grp, note=f"overhead vs base {100 * (grp / base - 1):+.1f}%")
+    bench_lora_group(N, H, [hq * D, hk * D, hk * D], "qkv", r, bias=True)
 
 
 def peak_extra(fn):
@@ -603,6 +644,7 @@ def bench_ce(N, H, V, weight_grad=False):
 
 
 def main():
+    global PROFILE_ITERS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--quick", action="store_true")
@@ -615,7 +657,10 @@ def main():
                     help="lora group: sweep the fused dy pass's launch (DY_LAUNCH) at the LoRA shapes first")
     ap.add_argument("--lora-paths", action="store_true",
                     help="lora group: the LoRA-linear kernel paths and their parts alone, at the real shapes")
+    ap.add_argument("--iters", type=int, default=10,
+                    help="calls per profiler measurement of GPU kernel time (more: steadier large shapes)")
     args = ap.parse_args()
+    PROFILE_ITERS = args.iters
     only = set(args.only.split(","))
     assert torch.cuda.is_available(), "needs CUDA"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -662,6 +707,8 @@ def main():
         for N_, K_, M_ in ((N, 1536, 1536), (N, 3584, 3584), (N, 3584, 18944), (N, 18944, 3584), (2048, 1536, 8960),
                            (2048, 8960, 1536)):
             bench_lora(N_, K_, M_, paths_only=True)
+        bench_lora_group(4096, 1536, [8960, 8960], "gate/up")  # the eager gated MLP of Qwen2-VL-2B, 4 x 1,024 tokens
+        bench_lora_qkv(4096, 1536)
     elif "lora" in only:
         for H in hiddens:
             bench_lora(N, H, H, nf4=nf4.get(H))
@@ -672,6 +719,7 @@ def main():
         bench_lora(N, 3584, 3584, adapter_dtype=torch.float32)
         for H in hiddens:
             bench_lora_qkv(N, H)
+        bench_lora_group(4096, 1536, [8960, 8960], "gate/up")
     if "ce" in only:
         for H in hiddens:
             bench_ce(N, H, 151936)

@@ -214,7 +214,8 @@ def _dy_pass_kernel(
     tl.store(GP + (pid_c * M + rows64[:, None]) * BLOCK_R + orr[None, :], g, mask=rmask[:, None])
 
 
-# dA = g^T x and dB = dy^T xa (outside the fused dy pass) in lora_linear's backward: "cublas", one GEMM each (alpha
+# dA = g^T x and dB = dy^T xa (outside the fused dy pass) in the backward of lora_linear, lora_linear_grouped and the
+# lora_op: "cublas", one GEMM each (alpha
 # folded), or "splitk", :func:`_skinny_tn` (fp32 partials: an fp32 result). H100, docs/kernels.md run 9: the split-K
 # dB is 2.8-10.5 us slower than cuBLAS's at each of 10 dy shapes (with its partial sums), so cuBLAS by default.
 RANK_GRADS = "cublas"
@@ -308,23 +309,21 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-# dy "auto" beside two plain cuBLAS GEMMs (kernels/lora_op.py's "cublas"): the fused pass from this many dy elements
+# dy "auto" beside two plain cuBLAS GEMMs (the "cublas" dy path with RANK_GRADS "cublas"): the fused pass from this many dy elements
 # up. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at [8192, 18944]; a tie at [8192, 1536] and [8192, 3584]
 # (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all).
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
-           plain_cublas_dy: bool | None = None) -> tuple[str, str, str]:
-    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
-    the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
-    least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
-    at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
-    every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
-    our GEMM does not). The fused dy pass, H100 (run 9): where the cublas dy path is two plain cuBLAS GEMMs
-    (``plain_cublas_dy``: the lora_op always; lora_linear with :data:`RANK_GRADS` "cublas", the default) only for dy
-    of at least :data:`DY_FUSED_MIN_ELEMENTS`; beside cuBLAS g + the split-K dB (``RANK_GRADS = "splitk"``), which it
-    beats at 9 of 10 measured shapes, always."""
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str, str]:
+    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors (lora_linear and the
+    lora_op alike). auto, per direction: the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term
+    forward, [M, K] backward) is at least as large as the GEMM's other side (N >= K forward, K >= N backward), or
+    where its output fills the GPU at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run
+    7): the epilogue GEMMs win at every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one
+    wave: cuBLAS splits K there, our GEMM does not). The fused dy pass, H100 (run 9): beside two plain cuBLAS GEMMs
+    (:data:`RANK_GRADS` "cublas", the default) only for dy of at least :data:`DY_FUSED_MIN_ELEMENTS`; beside cuBLAS
+    g + the split-K dB (``RANK_GRADS = "splitk"``), which it beats at 9 of 10 measured shapes, always."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
@@ -337,9 +336,7 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
     if dx == "auto":
         dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
-        if plain_cublas_dy is None:
-            plain_cublas_dy = RANK_GRADS == "cublas"
-        dy = "fused" if not plain_cublas_dy or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
+        dy = "fused" if RANK_GRADS != "cublas" or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
     return fwd, dx, dy
 
 
@@ -441,7 +438,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, nf4=None):
 
 
 class LoRAGroupedFunction(torch.autograd.Function):
-    """n LoRA projections sharing x. Inputs: x, then n weights, n biases, n As, n Bs (flat)."""
+    """n LoRA projections sharing x. Inputs: x, then n weights, n biases, n As, n Bs (flat). Each projection takes
+    the kernel paths :func:`_paths` picks for its shape (as :func:`lora_linear` would alone); x is read once for all
+    ``xa`` and once for all ``dA``, and dx is one GEMM with every projection's rank-r term plus one beta=1 GEMM per
+    further projection."""
 
     @staticmethod
     def forward(ctx, x, scales, nf4s, *params):
@@ -452,30 +452,28 @@ class LoRAGroupedFunction(torch.autograd.Function):
         x2 = _cast(x.reshape(-1, K), cdt)
         ranks = [a.shape[0] for a in As]
         A_cat = torch.cat([_cast(a, cdt) for a in As], 0)
-        outs = []
+        Bc = [_cast(bb, cdt) for bb in Bs]
+        outs, paths = [], []
+        sms = num_sms(x2.device)
         with torch.autocast(device_type=x.device.type, enabled=False):
             xa = torch.mm(x2, A_cat.t())  # one read of x for all projections
             xas = xa.split(ranks, dim=1)
             for i in range(n):
                 W = _materialize_weight(weights[i], nf4s[i], cdt)
-                B = _cast(Bs[i], cdt)
-                b = _cast(biases[i], cdt)
-                if b is not None:
-                    y = torch.addmm(b, xas[i], B.t(), alpha=scales[i])
-                else:
-                    y = _mm_scaled(xas[i], B.t(), scales[i])
-                y.addmm_(x2, W.t())
+                paths.append(_paths(x2.shape[0], W.shape[0], K, _triton_ok(x2, W), sms))
+                y = _rank_forward(x2, W, xas[i], Bc[i], _cast(biases[i], cdt), scales[i], paths[-1][0])
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
-        ctx.save_for_backward(x2, xa, *params)
-        ctx.scales, ctx.nf4s, ctx.ranks = scales, nf4s, ranks
+        ctx.save_for_backward(x2, xa, A_cat, *Bc, *params)
+        ctx.scales, ctx.nf4s, ctx.ranks, ctx.paths = scales, nf4s, ranks, paths
         ctx.cdt, ctx.in_shape, ctx.x_dtype = cdt, x.shape, x.dtype
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
-        x2, xa, *params = ctx.saved_tensors
         scales, ranks, cdt = ctx.scales, ctx.ranks, ctx.cdt
         n = len(scales)
+        x2, xa, A_cat, *rest = ctx.saved_tensors
+        Bc, params = rest[:n], rest[n:]
         weights, biases, As, Bs = params[:n], params[n : 2 * n], params[2 * n : 3 * n], params[3 * n :]
         need = ctx.needs_input_grad
         N = x2.shape[0]
@@ -484,7 +482,7 @@ class LoRAGroupedFunction(torch.autograd.Function):
         dx = None
         with torch.autocast(device_type=x2.device.type, enabled=False):
             dy2s = []
-            gs = []
+            gs = []  # s_i dy_i B_i
             for i in range(n):
                 dy = dys[i]
                 if dy is None:
@@ -493,25 +491,28 @@ class LoRAGroupedFunction(torch.autograd.Function):
                     continue
                 dy2 = _cast(dy.reshape(-1, dy.shape[-1]), cdt)
                 dy2s.append(dy2)
-                # s_i * dy_i @ B_i, scale folded into the GEMM
-                gs.append(_mm_scaled(dy2, _cast(Bs[i], cdt), scales[i]))
+                if ctx.paths[i][2] == "fused" and need[3 + 3 * n + i]:
+                    g, dBs[i] = _dy_pass(dy2, Bc[i], xas[i], scales[i], cdt, Bs[i].dtype)  # one read of dy
+                else:
+                    g = _mm_scaled(dy2, Bc[i], scales[i])
+                gs.append(g)
             g = torch.cat(gs, 1)  # [N, sum r]
-            if need[0]:
-                A_cat = torch.cat([_cast(a, cdt) for a in As], 0)
-                dx = torch.mm(g, A_cat)
-                for i in range(n):
-                    if dy2s[i] is not None:
-                        dx.addmm_(dy2s[i], _materialize_weight(weights[i], ctx.nf4s[i], cdt))
+            live = [i for i in range(n) if dy2s[i] is not None]
+            if need[0] and live:
+                first = live[0]  # its GEMM adds every projection's rank-r term (g A_cat); the others add in place
+                W = _materialize_weight(weights[first], ctx.nf4s[first], cdt)
+                dx = _rank_dx(dy2s[first], W, A_cat, g, ctx.paths[first][1])
+                for i in live[1:]:
+                    dx.addmm_(dy2s[i], _materialize_weight(weights[i], ctx.nf4s[i], cdt))
                 dx = dx.view(ctx.in_shape).to(ctx.x_dtype)
-            dA_cat = _skinny_tn(g, x2, 1.0, torch.float32)  # one read of x for all dA
-            for i, dA in enumerate(dA_cat.split(ranks, 0)):
-                if need[3 + 2 * n + i]:
-                    dAs[i] = dA.to(As[i].dtype)
-            for i in range(n):
-                if dy2s[i] is None:
-                    continue
-                if need[3 + 3 * n + i]:
-                    dBs[i] = _skinny_tn(xas[i], dy2s[i], scales[i], Bs[i].dtype, t=True)
+            if any(need[3 + 2 * n + i] for i in range(n)):
+                dA_cat = _rank_grad(g, x2, 1.0, As[0].dtype)  # one read of x for all dA
+                for i, dA in enumerate(dA_cat.split(ranks, 0)):
+                    if need[3 + 2 * n + i]:
+                        dAs[i] = dA.to(As[i].dtype)
+            for i in live:
+                if need[3 + 3 * n + i] and dBs[i] is None:
+                    dBs[i] = _rank_grad(xas[i], dy2s[i], scales[i], Bs[i].dtype, t=True)
                 if need[3 + i] and weights[i] is not None:
                     dweights[i] = torch.mm(dy2s[i].t(), x2).to(weights[i].dtype)
                 if need[3 + n + i] and biases[i] is not None:

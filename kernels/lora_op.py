@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import _dy_pass, _mm_scaled, _paths, _rank_dx, _rank_forward, _triton_ok
+from .lora_linear import _dy_pass, _mm_scaled, _paths, _rank_dx, _rank_forward, _rank_grad, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -44,8 +44,7 @@ def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torc
 def _op_paths(x: torch.Tensor, w: torch.Tensor) -> tuple[str, str, str]:
     """lora_linear's (fwd, dx, dy) kernel paths for ``x [M, K] -> [M, N]``; the Triton GEMMs only for a contiguous
     ``w`` (the tiled MLP's backward passes ``W^T`` views, which would take the slower pointer-load kernels)."""
-    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device),
-                  plain_cublas_dy=True)
+    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device))
 
 
 @lora_mm.register_fake
@@ -64,9 +63,9 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     else:
         gs = _mm_scaled(dy, B, s)  # s dy B: [N, r]
         if need_b:
-            dB = _mm_scaled(dy.t(), xa, s)
+            dB = _rank_grad(xa, dy, s, B.dtype, t=True)  # s dy^T xa: [N, r]
     dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
-    dA = torch.mm(gs.t(), x) if need_a else A.new_empty((0,))
+    dA = _rank_grad(gs, x, 1.0, A.dtype) if need_a else A.new_empty((0,))  # gs^T x: [r, K]
     return dx, dA, dB
 
 

@@ -144,6 +144,44 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
     _assert_matches_float64(close, (y, dx, dA, dB), x, W, b, A, B, dy, s, dtype)
 
 
+@pytest.mark.parametrize("paths", _PATH_SETS, ids=["-".join(p) for p in _PATH_SETS])
+@pytest.mark.parametrize("rank_grads", ["cublas", "splitk"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_lora_grouped_paths(cpu_interp, seed, close, monkeypatch, paths, rank_grads, dtype):
+    """The grouped form (q/k/v, gate/up) through every kernel path: each projection's y, and dx, dA, dB of all,
+    against PEFT's math per projection (float64); different ranks and widths, a bias on one, x non-contiguous,
+    fp32 adapters; dx's first GEMM adds every projection's rank-r term."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "RANK_GRADS", rank_grads)
+    for key, value in zip(("fwd", "dx", "dy"), paths):
+        monkeypatch.setitem(mod.PATHS, key, value)
+    T, K = 41, 40
+    outs, ranks, scales = [48, 24, 17], [16, 4, 5], [0.5, 2.0, 1.0]
+    x = torch.randn(2, T, K, dtype=dtype).transpose(0, 1).requires_grad_(True)
+    Ws = [(torch.randn(m, K) / K**0.5).to(dtype) for m in outs]
+    bs = [None, torch.randn(outs[1]).to(dtype), None]
+    As = [(torch.randn(r, K) / K**0.5).requires_grad_(True) for r in ranks]
+    Bs = [(torch.randn(m, r) * 0.5).requires_grad_(True) for m, r in zip(outs, ranks)]
+    dys = [torch.randn(T, 2, m, dtype=dtype) for m in outs]
+    ys = lora_linear_grouped(x, Ws, bs, As, Bs, scales)
+    got = torch.autograd.grad(ys, (x, *As, *Bs), dys)
+    x64 = x.detach().double().requires_grad_(True)
+    A64 = [a.detach().double().requires_grad_(True) for a in As]
+    B64 = [b.detach().double().requires_grad_(True) for b in Bs]
+    ref_y = [lora_linear_reference(x64, w.double(), None if b is None else b.double(), a, bb, sc)
+             for w, b, a, bb, sc in zip(Ws, bs, A64, B64, scales)]
+    ref = torch.autograd.grad(ref_y, (x64, *A64, *B64), [d.double() for d in dys])
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rtol = tol * 5 if dtype == torch.float16 else tol
+    for i, (a, e) in enumerate(zip(ys, ref_y)):
+        assert a.dtype == dtype
+        close(a, e, tol, rtol, f"y{i}")
+    names = ["dx"] + [f"dA{i}" for i in range(3)] + [f"dB{i}" for i in range(3)]
+    for a, e, n in zip(got, ref, names):
+        assert n == "dx" or a.dtype == torch.float32
+        close(a, e, tol, rtol, n)
+
+
 @pytest.mark.parametrize("rank_grads", ["cublas", "splitk"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rank_grads_either_way(cpu_interp, seed, close, monkeypatch, rank_grads, dtype):
@@ -166,7 +204,7 @@ def test_rank_grads_either_way(cpu_interp, seed, close, monkeypatch, rank_grads,
 def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
     """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
     K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always beside
-    lora_linear's split-K dB, and beside the lora_op's two cuBLAS GEMMs only for dy of 2^26 elements or more; plain
+    the split-K dB, and beside two cuBLAS GEMMs only for dy of 2^26 elements or more; plain
     cuBLAS everywhere when Triton cannot run. (The measurements these rules follow: docs/kernels.md runs 7 and 9.)"""
     mod = importlib.import_module("harness.kernels.lora_linear")
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
@@ -180,16 +218,15 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     assert _paths(4096, 1280, 5120, True, 132) == ("cublas", "epilogue", "fused")  # 160 tiles: not two waves
     assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")  # square q / o
     assert _paths(8192, 1536, 1536, False, 132) == ("cublas", "cublas", "cublas")
-    # beside two plain cuBLAS GEMMs (the lora_op's cublas dy path; lora_linear's with RANK_GRADS "cublas", the
-    # default) the fused dy pass only for a large dy
+    # beside two plain cuBLAS GEMMs (the cublas dy path with RANK_GRADS "cublas", the default) the fused dy pass
+    # only for a large dy
     monkeypatch.setattr(mod, "RANK_GRADS", "cublas")
     assert _paths(8192, 18944, 3584, True, 132)[2] == "fused"  # 155 M elements
     assert _paths(8192, 3584, 18944, True, 132)[2] == "cublas"  # 29 M: a tie on the H100
     assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "cublas")
-    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=False)[2] == "fused"
     assert mod.DY_FUSED_MIN_ELEMENTS == 1 << 26
     monkeypatch.setitem(mod.PATHS, "dy", "fused")  # an explicit choice is kept
-    assert _paths(2048, 8960, 1536, True, 132, plain_cublas_dy=True)[2] == "fused"
+    assert _paths(2048, 8960, 1536, True, 132)[2] == "fused"
 
 
 @pytest.mark.parametrize("M,N,r", [(37, 50, 4), (64, 33, 16), (5, 130, 20)])
@@ -290,6 +327,35 @@ def test_lora_paths_bf16_gpu(cuda, rel, monkeypatch, paths, K, N):
     again = _grads(lambda: lora_linear(x, W, None, A, B, s), x, A, B, dy)
     x32 = x.detach().float().requires_grad_(True)
     ref = _grads(lambda: lora_linear_reference(x32, W.float(), None, A, B, s), x32, A, B, dy.float())
+    for a, b2, e in zip(out, again, ref):
+        assert rel(a, e) < 2e-2
+        assert torch.equal(a, b2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paths", _PATH_SETS[:2], ids=["-".join(p) for p in _PATH_SETS[:2]])
+def test_lora_grouped_bf16_gpu(cuda, rel, monkeypatch, paths):
+    """Grouped gate/up at a real MLP shape (4096 tokens, 1536 -> 2 x 8960) in bf16, both path sets: y, dx, dA, dB
+    within 2e-2 of fp32, and a second call gives the same."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    for key, value in zip(("fwd", "dx", "dy"), paths):
+        monkeypatch.setitem(mod.PATHS, key, value)
+    torch.manual_seed(0)
+    T, K, N, r = 4096, 1536, 8960, 16
+    x = torch.randn(T, K, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    Ws = [torch.randn(N, K, device=cuda, dtype=torch.bfloat16) / K**0.5 for _ in range(2)]
+    As = [(torch.randn(r, K, device=cuda) / K**0.5).requires_grad_(True) for _ in range(2)]
+    Bs = [(torch.randn(N, r, device=cuda) * 0.1).requires_grad_(True) for _ in range(2)]
+    dys = [torch.randn(T, N, device=cuda, dtype=torch.bfloat16) for _ in range(2)]
+
+    def run():
+        ys = lora_linear_grouped(x, Ws, [None, None], As, Bs, [2.0, 2.0])
+        return (*ys, *torch.autograd.grad(ys, (x, *As, *Bs), dys))
+
+    out, again = run(), run()
+    x32 = x.detach().float().requires_grad_(True)
+    ys = [lora_linear_reference(x32, w.float(), None, a, b, 2.0) for w, a, b in zip(Ws, As, Bs)]
+    ref = (*ys, *torch.autograd.grad(ys, (x32, *As, *Bs), [d.float() for d in dys]))
     for a, b2, e in zip(out, again, ref):
         assert rel(a, e) < 2e-2
         assert torch.equal(a, b2)
