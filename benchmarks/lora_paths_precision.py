@@ -45,18 +45,13 @@ def main():
     ap.add_argument("--paths", default="cublas|auto|fwd=auto,dx=auto,dy=cublas",
                     help="path sets to compare, '|' between sets (kernels.lora_linear.set_paths specs)")
     a = ap.parse_args()
-    from peft import LoraConfig, get_peft_model
-
     from harness.bench_workload import ANCHOR
     from harness.kernels import accelerate_model, revert_model
 
     mod = importlib.import_module("harness.kernels.lora_linear")
     path_sets = [p for p in a.paths.split("|") if p]
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = ANCHOR.model_cls()._from_config(ANCHOR.config_fn(), dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
-                                             target_modules=ANCHOR.targets))
+    model = ANCHOR.add_lora(ANCHOR.random_model("cuda", torch.bfloat16), 16)
     model.config.use_cache = False
     batch = ANCHOR.make_batch(argparse.Namespace(batch=4, tokens=1024, grid=32), "cuda")
     batch["use_cache"] = False

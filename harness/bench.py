@@ -67,8 +67,6 @@ def build(a):
         from harness.bench_peers import build_peer
 
         return build_peer(a, qwen2_vl_2b_config, TARGETS, save_dir=SAVE_DIR)
-    from peft import LoraConfig, get_peft_model
-
     cls = wl.model_cls()
     dev = a.device
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
@@ -79,10 +77,8 @@ def build(a):
             save_random_model(cls, wl.config_fn(), save_dir, dev, dtype)
         model = load_nf4(cls, save_dir, dev, dtype)
     else:
-        with torch.device(dev):
-            model = cls._from_config(wl.config_fn(), dtype=dtype, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, bias="none",
-                                             target_modules=wl.targets))
+        model = wl.random_model(dev, dtype)
+    model = wl.add_lora(model, a.r)
     model.config.use_cache = False
     accelerated = {}
     if a.stack.startswith("harness"):

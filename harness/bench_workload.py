@@ -34,6 +34,18 @@ class Workload:
 
         return getattr(transformers, self.model_class)
 
+    def random_model(self, device, dtype):
+        """The workload's model from its config, random weights, 16-bit base, SDPA attention (the peers' choice)."""
+        with torch.device(device):
+            return self.model_cls()._from_config(self.config_fn(), dtype=dtype, attn_implementation="sdpa")
+
+    def add_lora(self, model, r: int):
+        """PEFT LoRA on the workload's targets as every stack gets it: r, alpha = r, no dropout, no bias."""
+        from peft import LoraConfig, get_peft_model
+
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none",
+                                                target_modules=self.targets))
+
     def make_batch(self, a, device) -> dict:
         cfg = self.config_fn()
         g = torch.Generator().manual_seed(0)
