@@ -564,6 +564,41 @@ def tune_dy(copy_bw, shapes, r=16):
         print(f"  tune dy uniform: the default: {default_gm[0]:.3f}x", flush=True)
 
 
+def dy_ab(shapes, rounds=5, r=16):
+    """The dy path in sequence (a whole lora_linear fwd+bwd, so the rank-r kernels see the cache state the GEMMs
+    leave, unlike the isolated parts): per x [M, K] -> [M, N], ``rounds`` interleaved rounds of the cuBLAS base,
+    default paths with dy cublas and with dy fused (fwd / dx as auto picks); GPU kernel time medians and the median
+    of each round's ratio to the base of the same round (steadier than one base timing: clocks drift by 5-7%)."""
+    before = dict(LORA_LINEAR.PATHS)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for M, K, N in shapes:
+        x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
+        W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
+        A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
+        B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
+        dy = torch.randn(M, N, device=DEV, dtype=DT)
+        base_fn = grad_fn(lambda: F.linear(x, W), (x,), dy)
+        lora_fn = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
+        times = {"base": [], "cublas": [], "fused": []}
+        try:
+            for _ in range(rounds):
+                times["base"].append(gbench(base_fn))
+                for mode in ("cublas", "fused"):
+                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy=mode)
+                    lora_fn()  # (autotune / compile outside the timing)
+                    times[mode].append(gbench(lora_fn))
+                LORA_LINEAR.PATHS.update(before)
+        finally:
+            LORA_LINEAR.PATHS.update(before)
+        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        ratio = {m: sorted(t / b for t, b in zip(times[m], times["base"]))[rounds // 2] for m in ("cublas", "fused")}
+        auto = LORA_LINEAR._paths(M, N, K, True, sms)
+        print(f"  dy a/b x[{M},{K}] -> {N} (fwd/dx {auto[0]}/{auto[1]}, auto dy {auto[2]}): base {med['base'] * 1e3:.1f} "
+              f"us; dy cublas {med['cublas'] * 1e3:.1f} us ({100 * (ratio['cublas'] - 1):+.1f}%), dy fused "
+              f"{med['fused'] * 1e3:.1f} us ({100 * (ratio['fused'] - 1):+.1f}%); fused - cublas "
+              f"{(med['fused'] - med['cublas']) * 1e3:+.1f} us", flush=True)
+
+
 def bench_lora_group(N, H, outs, label, r=16, bias=False):
     """n LoRA projections on one x (q/k/v, gate/up): the base GEMMs, n separate lora_linear calls and one
     lora_linear_grouped call (default paths and cublas), fwd+bwd, do_bench and GPU kernel time."""
@@ -657,6 +692,9 @@ def main():
                     help="lora group: sweep the fused dy pass's launch (DY_LAUNCH) at the LoRA shapes first")
     ap.add_argument("--lora-paths", action="store_true",
                     help="lora group: the LoRA-linear kernel paths and their parts alone, at the real shapes")
+    ap.add_argument("--dy-ab", type=int, default=0, metavar="ROUNDS",
+                    help="lora group: the dy path (cublas vs fused) inside whole fwd+bwd calls, ROUNDS interleaved "
+                         "rounds with the base, at the kernel and anchor shapes; then exit")
     ap.add_argument("--iters", type=int, default=10,
                     help="calls per profiler measurement of GPU kernel time (more: steadier large shapes)")
     args = ap.parse_args()
@@ -672,6 +710,14 @@ def main():
     N = 8192
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
+    if "lora" in only and args.dy_ab:
+        # the M = 8,192 kernel shapes, then the anchor's (4 x 1,024 tokens: q/o, k/v; 4 x 32 x 32 patches: vision
+        # qkv, proj, fc1, fc2; the tiled MLP's 2,048-row tiles)
+        dy_ab([(N, 1536, 1536), (N, 3584, 3584), (N, 18944, 3584), (N, 3584, 18944), (4096, 1536, 1536),
+               (4096, 1536, 256), (4096, 1280, 3840), (4096, 1280, 1280), (4096, 1280, 5120), (4096, 5120, 1280),
+               (2048, 1536, 8960), (2048, 8960, 1536)], args.dy_ab)
+        print(f"\n# dy a/b done in {time.time() - t0:.0f} s", flush=True)
+        return
     if "lora" in only and args.tune_dy:
         # the M = 8,192 kernel shapes, the tiled MLP's 2,048-row tiles, then the anchor's other dy shapes (4 x 1,024
         # tokens: q/o, k/v; 4 x 32 x 32 patches: vision qkv, proj/fc2, fc1)
