@@ -309,21 +309,23 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-# dy "auto" beside two plain cuBLAS GEMMs (the "cublas" dy path with RANK_GRADS "cublas"): the fused pass from this many dy elements
+# dy "auto" in the lora_op (compiled layers) beside two plain cuBLAS GEMMs: the fused pass from this many dy elements
 # up. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at [8192, 18944]; a tie at [8192, 1536] and [8192, 3584]
 # (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all).
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str, str]:
-    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors (lora_linear and the
-    lora_op alike). auto, per direction: the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term
-    forward, [M, K] backward) is at least as large as the GEMM's other side (N >= K forward, K >= N backward), or
-    where its output fills the GPU at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run
-    7): the epilogue GEMMs win at every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one
-    wave: cuBLAS splits K there, our GEMM does not). The fused dy pass, H100 (run 9): beside two plain cuBLAS GEMMs
-    (:data:`RANK_GRADS` "cublas", the default) only for dy of at least :data:`DY_FUSED_MIN_ELEMENTS`; beside cuBLAS
-    g + the split-K dB (``RANK_GRADS = "splitk"``), which it beats at 9 of 10 measured shapes, always."""
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, dy_fused_min: int = 0) -> tuple[str, str, str]:
+    """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
+    the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
+    least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
+    at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
+    every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
+    our GEMM does not). The fused dy pass: for dy of at least ``dy_fused_min`` elements (beside the split-K dB of
+    ``RANK_GRADS = "splitk"`` always). lora_linear / lora_linear_grouped (eager) pass 0: inside a whole fwd+bwd the
+    fused pass beat two cuBLAS GEMMs at 4 of 6 kernel shapes (H100, run 10; alone, with dy still in L2, the cuBLAS
+    pair looked as fast or faster, run 9). The lora_op (compiled layers, CUDA graphs) passes
+    :data:`DY_FUSED_MIN_ELEMENTS`: the anchor A/B measured that rule +1.7% tokens/s over fused everywhere (run 9)."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
@@ -336,7 +338,7 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str,
     if dx == "auto":
         dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
-        dy = "fused" if RANK_GRADS != "cublas" or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
+        dy = "fused" if RANK_GRADS != "cublas" or M * N >= dy_fused_min else "cublas"
     return fwd, dx, dy
 
 
