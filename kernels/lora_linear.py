@@ -215,9 +215,9 @@ def _dy_pass_kernel(
 
 
 # dA = g^T x and dB = dy^T xa (outside the fused dy pass) in the backward of lora_linear, lora_linear_grouped and the
-# lora_op: "cublas", one GEMM each (alpha
-# folded), or "splitk", :func:`_skinny_tn` (fp32 partials: an fp32 result). H100, docs/kernels.md run 9: the split-K
-# dB is 2.8-10.5 us slower than cuBLAS's at each of 10 dy shapes (with its partial sums), so cuBLAS by default.
+# lora_op: "cublas", one GEMM each (alpha folded), or "splitk", :func:`_skinny_tn` (fp32 partials: an fp32 result).
+# H100, docs/kernels.md run 9: the split-K dB is 2.8-10.5 us slower than cuBLAS's at each of 10 dy shapes (with its
+# partial sums), so cuBLAS by default.
 RANK_GRADS = "cublas"
 
 
