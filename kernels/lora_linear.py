@@ -311,7 +311,9 @@ if os.environ.get("HARNESS_LORA_PATHS"):
 
 # dy "auto" in the lora_op (compiled layers) beside two plain cuBLAS GEMMs: the fused pass from this many dy elements
 # up. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at [8192, 18944]; a tie at [8192, 1536] and [8192, 3584]
-# (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all).
+# (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all), each
+# timed alone; the anchor A/B agrees (+1.7% tokens/s). Inside whole eager lora_linear calls at M = 8,192 the fused
+# pass did better (run 10), so lora_linear does not use this threshold.
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
