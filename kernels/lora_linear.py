@@ -230,6 +230,18 @@ def _rank_grad(g: torch.Tensor, x: torch.Tensor, alpha: float, out_dtype: torch.
     return c if c.dtype == out_dtype else c.to(out_dtype)
 
 
+def _rank_dy(dy2: torch.Tensor, B: torch.Tensor, xa: torch.Tensor, s: float, path: str, need_g: bool, need_db: bool,
+             db_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The two rank-r products of a LoRA backward that read dy2: ``(s dy2 B`` [M, r] in dy2's dtype, ``s dy2^T xa``
+    [N, r] in ``db_dtype``), each None unless asked for. dy ``path`` "fused" (both asked for): one read of dy
+    (:func:`_dy_pass`); else one GEMM each (:func:`_mm_scaled`, :func:`_rank_grad`)."""
+    if path == "fused" and need_g and need_db:
+        return _dy_pass(dy2, B, xa, s, dy2.dtype, db_dtype)
+    gs = _mm_scaled(dy2, B, s) if need_g else None
+    dB = _rank_grad(xa, dy2, s, db_dtype, t=True) if need_db else None  # (xa^T dy)^T = dy^T xa
+    return gs, dB
+
+
 # The dy pass's launch on a GPU (kernels_bench.py --tune-dy sweeps it): row block, column step, programs per SM
 # the column groups aim for, warps.
 # H100, 10 dy shapes (docs/kernels.md run 9): this launch is within 3.5% of each shape's best (geometric mean);
@@ -403,11 +415,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dw = db = dA = dB = None
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
-            gs = None  # s dy B
-            if dy_path == "fused" and need_bb and (need_x or need_a):
-                gs, dB = _dy_pass(dy2, B, xa, s, cdt, b_dtype)  # one read of dy for g and dB
-            elif need_x or need_a:
-                gs = _mm_scaled(dy2, B, s)  # [N, r]
+            gs, dB = _rank_dy(dy2, B, xa, s, dy_path, need_x or need_a, need_bb, b_dtype)  # s dy B, s dy^T xa
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
                 dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)
@@ -415,8 +423,6 @@ class LoRALinearFunction(torch.autograd.Function):
                     dx = dx.to(ctx.x_dtype)
             if need_a:
                 dA = _rank_grad(gs, x2, 1.0, a_dtype)  # g^T x: [r, K]
-            if need_bb and dB is None:
-                dB = _rank_grad(xa, dy2, s, b_dtype, t=True)  # (xa^T dy)^T = dy^T xa: [N, r]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:
@@ -495,10 +501,8 @@ class LoRAGroupedFunction(torch.autograd.Function):
                     continue
                 dy2 = _cast(dy.reshape(-1, dy.shape[-1]), cdt)
                 dy2s.append(dy2)
-                if ctx.paths[i][2] == "fused" and need[3 + 3 * n + i]:
-                    g, dBs[i] = _dy_pass(dy2, Bc[i], xas[i], scales[i], cdt, Bs[i].dtype)  # one read of dy
-                else:
-                    g = _mm_scaled(dy2, Bc[i], scales[i])
+                g, dBs[i] = _rank_dy(dy2, Bc[i], xas[i], scales[i], ctx.paths[i][2], True, need[3 + 3 * n + i],
+                                     Bs[i].dtype)
                 gs.append(g)
             g = torch.cat(gs, 1)  # [N, sum r]
             live = [i for i in range(n) if dy2s[i] is not None]
@@ -515,8 +519,6 @@ class LoRAGroupedFunction(torch.autograd.Function):
                     if need[3 + 2 * n + i]:
                         dAs[i] = dA.to(As[i].dtype)
             for i in live:
-                if need[3 + 3 * n + i] and dBs[i] is None:
-                    dBs[i] = _rank_grad(xas[i], dy2s[i], scales[i], Bs[i].dtype, t=True)
                 if need[3 + i] and weights[i] is not None:
                     dweights[i] = torch.mm(dy2s[i].t(), x2).to(weights[i].dtype)
                 if need[3 + n + i] and biases[i] is not None:

@@ -29,8 +29,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import (DY_FUSED_MIN_ELEMENTS, _dy_pass, _mm_scaled, _paths, _rank_dx, _rank_forward, _rank_grad,
-                          _triton_ok)
+from .lora_linear import DY_FUSED_MIN_ELEMENTS, _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -59,13 +58,9 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
                      xa: torch.Tensor, s: float, need_x: bool, need_a: bool,
                      need_b: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _, dx_path, dy_path = _op_paths(x, w)
-    dB = B.new_empty((0,))
-    if dy_path == "fused" and need_b and (need_x or need_a):
-        gs, dB = _dy_pass(dy, B, xa, s, dy.dtype, B.dtype)  # one read of dy for both
-    else:
-        gs = _mm_scaled(dy, B, s)  # s dy B: [N, r]
-        if need_b:
-            dB = _rank_grad(xa, dy, s, B.dtype, t=True)  # s dy^T xa: [N, r]
+    gs, dB = _rank_dy(dy, B, xa, s, dy_path, need_x or need_a, need_b, B.dtype)  # s dy B, s dy^T xa
+    if dB is None:
+        dB = B.new_empty((0,))
     dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
     dA = _rank_grad(gs, x, 1.0, A.dtype) if need_a else A.new_empty((0,))  # gs^T x: [r, K]
     return dx, dA, dB
