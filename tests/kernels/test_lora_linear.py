@@ -150,11 +150,24 @@ def test_lora_linear_paths(cpu_interp, seed, close, monkeypatch, paths, shape, b
 def test_lora_grouped_paths(cpu_interp, seed, close, monkeypatch, paths, rank_grads, dtype):
     """The grouped form (q/k/v, gate/up) through every kernel path: each projection's y, and dx, dA, dB of all,
     against PEFT's math per projection (float64); different ranks and widths, a bias on one, x non-contiguous,
-    fp32 adapters; dx's first GEMM adds every projection's rank-r term."""
+    fp32 adapters; dx's first GEMM adds every projection's rank-r term. Each path set runs its own kernels: one
+    forward epilogue GEMM and one fused dy pass per projection, one dx epilogue GEMM for all."""
     mod = importlib.import_module("harness.kernels.lora_linear")
+    gemm = importlib.import_module("harness.kernels.lora_gemm")
     monkeypatch.setattr(mod, "RANK_GRADS", rank_grads)
     for key, value in zip(("fwd", "dx", "dy"), paths):
         monkeypatch.setitem(mod.PATHS, key, value)
+    calls = {"fwd": 0, "dx": 0, "dy": 0}
+
+    def counting(key, fn):
+        def wrapped(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(gemm, "gemm_rank_epilogue", counting("fwd", gemm.gemm_rank_epilogue))
+    monkeypatch.setattr(gemm, "gemm_dx_rank_epilogue", counting("dx", gemm.gemm_dx_rank_epilogue))
+    monkeypatch.setattr(mod, "_dy_pass", counting("dy", mod._dy_pass))
     T, K = 41, 40
     outs, ranks, scales = [48, 24, 17], [16, 4, 5], [0.5, 2.0, 1.0]
     x = torch.randn(2, T, K, dtype=dtype).transpose(0, 1).requires_grad_(True)
@@ -180,6 +193,8 @@ def test_lora_grouped_paths(cpu_interp, seed, close, monkeypatch, paths, rank_gr
     for a, e, n in zip(got, ref, names):
         assert n == "dx" or a.dtype == torch.float32
         close(a, e, tol, rtol, n)
+    fwd, dx, dyp = paths
+    assert calls == {"fwd": 3 * (fwd == "epilogue"), "dx": int(dx == "epilogue"), "dy": 3 * (dyp == "fused")}
 
 
 @pytest.mark.parametrize("rank_grads", ["cublas", "splitk"])
