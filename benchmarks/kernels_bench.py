@@ -78,11 +78,17 @@ def gbench(fn, iters=None):
     """GPU kernel time per call (ms): sum of the CUDA kernel durations recorded by torch.profiler,
     i.e. the time without Python / launch overhead. (CUDA-graph capture of autograd backward was
     tried first and broke the CUDA context on torch 2.11, so it is not used.)"""
+    parts = safe_breakdown(fn, iters)
+    total = sum(parts.values()) if parts else 0.0
+    return total if total > 0 else None
+
+
+def safe_breakdown(fn, iters=None):
+    """kernel_breakdown, or None (with a line saying why) where the profiler fails."""
     try:
-        total = sum(kernel_breakdown(fn, iters or PROFILE_ITERS).values())
-        return total if total > 0 else None
+        return kernel_breakdown(fn, iters or PROFILE_ITERS)
     except Exception as e:  # pragma: no cover
-        print(f"    (profiler timing failed: {type(e).__name__}: {str(e)[:80]})")
+        print(f"    (profiler timing failed: {type(e).__name__}: {str(e)[:80]})", flush=True)
         return None
 
 
@@ -454,10 +460,8 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
 
 def print_breakdown(label, fn):
     """Each CUDA kernel of ``fn`` (us per call, torch.profiler), largest first, and their sum: where the time goes."""
-    try:
-        parts = kernel_breakdown(fn, PROFILE_ITERS)
-    except Exception as e:  # pragma: no cover
-        print(f"  kernels of {label}: profiler failed ({type(e).__name__})", flush=True)
+    parts = safe_breakdown(fn)
+    if parts is None:
         return
     print(f"  kernels of {label}: {sum(parts.values()) * 1e3:.1f} us in {len(parts)} kernels", flush=True)
     for name, ms in sorted(parts.items(), key=lambda kv: -kv[1]):
