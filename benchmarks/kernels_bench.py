@@ -571,10 +571,13 @@ def tune_dy(copy_bw, shapes, r=16):
 def dy_ab(shapes, rounds=5, r=16):
     """The dy path in sequence (a whole lora_linear fwd+bwd, so the rank-r kernels see the cache state the GEMMs
     leave, unlike the isolated parts): per x [M, K] -> [M, N], ``rounds`` interleaved rounds of the cuBLAS base,
-    default paths with dy cublas and with dy fused (fwd / dx as auto picks); GPU kernel time medians and the median
-    of each round's ratio to the base of the same round (steadier than one base timing: clocks drift by 5-7%)."""
-    before = dict(LORA_LINEAR.PATHS)
+    default paths with dy cublas, with dy fused, and with dy fused and dA on a side stream beside the dx GEMM
+    ("overlap", lora_linear.DA_STREAM); fwd / dx as auto picks. Each is timed twice: GPU kernel time (profiler sum)
+    and wall time (do_bench: the only one that sees kernels overlap). Medians, and the median of each round's ratio
+    to the base of the same round (steadier than one base timing: clocks drift by 5-7%)."""
+    before, before_da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    modes = ("cublas", "fused", "overlap")
     for M, K, N in shapes:
         x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
         W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
@@ -583,22 +586,38 @@ def dy_ab(shapes, rounds=5, r=16):
         dy = torch.randn(M, N, device=DEV, dtype=DT)
         base_fn = grad_fn(lambda: F.linear(x, W), (x,), dy)
         lora_fn = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
-        times = {"base": [], "cublas": [], "fused": []}
+        kern = {k: [] for k in ("base", *modes)}
+        wall = {k: [] for k in ("base", *modes)}
+        errs = {}
         try:
             for _ in range(rounds):
-                times["base"].append(gbench(base_fn))
-                for mode in ("cublas", "fused"):  # (gbench runs fn once before timing: autotune / compile outside)
-                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy=mode)
-                    times[mode].append(gbench(lora_fn))
+                kern["base"].append(gbench(base_fn))
+                wall["base"].append(bench(base_fn))
+                for mode in modes:  # (gbench runs fn once before timing: autotune / compile outside)
+                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="cublas" if mode == "cublas" else "fused")
+                    LORA_LINEAR.DA_STREAM = mode == "overlap"
+                    kern[mode].append(gbench(lora_fn))
+                    wall[mode].append(bench(lora_fn))
+                    if mode not in errs:  # the side stream must not change a result
+                        got = lora_fn()
+                        torch.cuda.synchronize()
+                        errs[mode] = got
         finally:
             LORA_LINEAR.PATHS.update(before)
-        med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-        ratio = {m: sorted(t / b for t, b in zip(times[m], times["base"]))[rounds // 2] for m in ("cublas", "fused")}
+            LORA_LINEAR.DA_STREAM = before_da
+        same = max(rel(a, b) for a, b in zip(errs["overlap"], errs["fused"]))
         auto = LORA_LINEAR._paths(M, N, K, True, sms)
-        print(f"  dy a/b x[{M},{K}] -> {N} (fwd/dx {auto[0]}/{auto[1]}, auto dy {auto[2]}): base {med['base'] * 1e3:.1f} "
-              f"us; dy cublas {med['cublas'] * 1e3:.1f} us ({100 * (ratio['cublas'] - 1):+.1f}%), dy fused "
-              f"{med['fused'] * 1e3:.1f} us ({100 * (ratio['fused'] - 1):+.1f}%); fused - cublas "
-              f"{(med['fused'] - med['cublas']) * 1e3:+.1f} us", flush=True)
+
+        def fmt(times):
+            if any(t is None for t in times["base"]):
+                return "n/a"
+            med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+            ratio = {m: sorted(t / b for t, b in zip(times[m], times["base"]))[rounds // 2] for m in modes}
+            return f"base {med['base'] * 1e3:.1f} us; " + ", ".join(
+                f"{m} {med[m] * 1e3:.1f} us ({100 * (ratio[m] - 1):+.1f}%)" for m in modes)
+
+        print(f"  dy a/b x[{M},{K}] -> {N} (fwd/dx {auto[0]}/{auto[1]}, auto dy {auto[2]}): kernel time: {fmt(kern)}"
+              f" | wall: {fmt(wall)} | overlap vs fused rel diff {same:.1e}", flush=True)
 
 
 def bench_lora_group(N, H, outs, label, r=16, bias=False):

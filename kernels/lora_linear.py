@@ -356,6 +356,43 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, dy_fused_min: int 
     return fwd, dx, dy
 
 
+# dA on a side CUDA stream, beside the dx GEMM (eager lora_linear; never while a CUDA graph is captured): dA reads
+# x2 and gs, which exist before the dx GEMM starts, and nothing in the backward reads dA, so its memory-bound pass
+# over x can run on the multiprocessors the compute-bound GEMM leaves idle. Off by default until measured
+# (kernels_bench.py --dy-ab times it as "overlap"); the environment variable HARNESS_LORA_DA_STREAM=1 turns it on.
+DA_STREAM: bool = os.environ.get("HARNESS_LORA_DA_STREAM", "0") == "1"
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device, made once (a new stream per call would cost a CUDA call each time)."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
+def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype):
+    """Start ``gs^T x2`` (dA) on the side stream; returns (dA, join): call ``join()`` on the current stream after
+    the work it runs beside. Without CUDA, under graph capture or with :data:`DA_STREAM` off: computed here, and
+    join does nothing."""
+    if not (DA_STREAM and gs.is_cuda and not torch.cuda.is_current_stream_capturing()):
+        return _rank_grad(gs, x2, 1.0, out_dtype), lambda: None
+    main = torch.cuda.current_stream(gs.device)
+    side = _side_stream(gs.device)
+    side.wait_stream(main)  # gs (and x2) are ready on main
+    with torch.cuda.stream(side):
+        dA = _rank_grad(gs, x2, 1.0, out_dtype)
+
+    def join():
+        main.wait_stream(side)
+        dA.record_stream(main)  # allocated on side, used on main from here on
+        gs.record_stream(side)  # read on side: not reused before side is done
+        x2.record_stream(side)
+
+    return dA, join
+
+
 def _rank_forward(x2, W, xa, B, b, scale: float, path: str) -> torch.Tensor:
     """``x2 W^T (+ b) + scale xa B^T`` by the forward ``path`` of :func:`_paths` (shared with kernels/lora_op.py)."""
     if path == "epilogue":
@@ -416,13 +453,16 @@ class LoRALinearFunction(torch.autograd.Function):
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
             gs, dB = _rank_dy(dy2, B, xa, s, dy_path, need_x or need_a, need_bb, b_dtype)  # s dy B, s dy^T xa
+            join = None
+            if need_a:
+                dA, join = _rank_grad_beside(gs, x2, a_dtype)  # g^T x: [r, K] (beside the dx GEMM: DA_STREAM)
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
                 dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
-            if need_a:
-                dA = _rank_grad(gs, x2, 1.0, a_dtype)  # g^T x: [r, K]
+            if join is not None:
+                join()
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

@@ -382,6 +382,46 @@ def test_lora_grouped_bf16_gpu(cuda, rel, monkeypatch, paths):
         assert torch.equal(a, b2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,N", [(1536, 1536), (1000, 333)])
+def test_da_side_stream_matches_serial_gpu(cuda, monkeypatch, K, N):
+    """dA on the side stream (DA_STREAM) gives bitwise the serial backward's y, dx, dA, dB, call after call: the
+    join orders dA before its use, and memory the side stream read is not handed out early (the allocations of
+    each call are freed and reused by the next)."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    torch.manual_seed(K)
+    T, r = 4096, 16
+    x = torch.randn(T, K, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    W = torch.randn(N, K, device=cuda, dtype=torch.bfloat16) / K**0.5
+    A = (torch.randn(r, K, device=cuda, dtype=torch.bfloat16) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=cuda, dtype=torch.bfloat16) * 0.1).requires_grad_(True)
+    dys = [torch.randn(T, N, device=cuda, dtype=torch.bfloat16) for _ in range(3)]
+    monkeypatch.setattr(mod, "DA_STREAM", False)
+    serial = [_grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy) for dy in dys]
+    monkeypatch.setattr(mod, "DA_STREAM", True)
+    for _ in range(2):
+        side = [_grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy) for dy in dys]
+        for got, want in zip(side, serial):
+            for a, e in zip(got, want):
+                assert torch.equal(a, e)
+    assert mod._SIDE_STREAMS, "the side stream was never used"
+
+
+def test_da_stream_is_a_no_op_without_cuda(seed, close, monkeypatch):
+    """DA_STREAM on, CPU tensors: the backward computes dA in place and matches the reference."""
+    mod = importlib.import_module("harness.kernels.lora_linear")
+    monkeypatch.setattr(mod, "DA_STREAM", True)
+    monkeypatch.setattr(mod, "_SIDE_STREAMS", {})
+    x = torch.randn(37, 24, requires_grad=True)
+    W, dy = torch.randn(19, 24), torch.randn(37, 19)
+    A, B = torch.randn(4, 24, requires_grad=True), torch.randn(19, 4, requires_grad=True)
+    got = _grads(lambda: lora_linear(x, W, None, A, B, 0.5), x, A, B, dy)
+    want = _grads(lambda: lora_linear_reference(x, W, None, A, B, 0.5), x, A, B, dy)
+    for a, e in zip(got, want):
+        close(a, e, 1e-5, 1e-5)
+    assert not mod._SIDE_STREAMS
+
+
 def test_set_paths_parses_and_refuses_bad_values(monkeypatch):
     mod = importlib.import_module("harness.kernels.lora_linear")
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
