@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -568,56 +569,150 @@ def tune_dy(copy_bw, shapes, r=16):
         print(f"  tune dy uniform: the default: {default_gm[0]:.3f}x", flush=True)
 
 
+def graphed(fn_y, inputs, dy):
+    """``fn_y(*inputs)`` fwd+bwd as two CUDA graphs (torch.cuda.make_graphed_callables; Triton autotunes in its
+    warm-up, before capture). A call replays them, so its wall time is GPU time: no host overhead (the eager
+    calls of the small shapes are host-bound), and kernels that run side by side counted once (unlike the
+    profiler's sum). None (with the reason) where capture fails."""
+    try:
+        g = torch.cuda.make_graphed_callables(fn_y, tuple(inputs))
+    except Exception as e:  # pragma: no cover
+        print(f"    (graph capture failed: {type(e).__name__}: {str(e)[:120]})", flush=True)
+        return None
+
+    def f():
+        return torch.autograd.grad(g(*inputs), inputs, dy)
+    return f
+
+
 def dy_ab(shapes, rounds=5, r=16):
     """The dy path in sequence (a whole lora_linear fwd+bwd, so the rank-r kernels see the cache state the GEMMs
     leave, unlike the isolated parts): per x [M, K] -> [M, N], ``rounds`` interleaved rounds of the cuBLAS base,
     default paths with dy cublas, with dy fused, and with dy fused and dA on a side stream beside the dx GEMM
-    ("overlap", lora_linear.DA_STREAM); fwd / dx as auto picks. Each is timed twice: GPU kernel time (profiler sum)
-    and wall time (do_bench: the only one that sees kernels overlap). Medians, and the median of each round's ratio
-    to the base of the same round (steadier than one base timing: clocks drift by 5-7%)."""
+    ("overlap", lora_linear.DA_STREAM); fwd / dx as auto picks. Each is timed twice: eager GPU kernel time
+    (profiler sum) and the wall time of the fwd+bwd replayed as CUDA graphs (:func:`graphed`: the only one that
+    sees kernels overlap, and free of host overhead). Medians, and the median of each round's ratio to the base of
+    the same round (steadier than one base timing: clocks drift by 5-7%)."""
     before, before_da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     modes = ("cublas", "fused", "overlap")
+
+    def setting(mode):
+        LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="cublas" if mode == "cublas" else "fused")
+        LORA_LINEAR.DA_STREAM = mode == "overlap"
+
     for M, K, N in shapes:
         x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
         W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
         A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
         B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
         dy = torch.randn(M, N, device=DEV, dtype=DT)
-        base_fn = grad_fn(lambda: F.linear(x, W), (x,), dy)
-        lora_fn = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
+        eager = {"base": grad_fn(lambda: F.linear(x, W), (x,), dy)}
+        graph = {"base": graphed(lambda x_: F.linear(x_, W), (x,), dy)}
         kern = {k: [] for k in ("base", *modes)}
         wall = {k: [] for k in ("base", *modes)}
-        errs = {}
+        outs = {}
         try:
+            for mode in modes:
+                setting(mode)
+                eager[mode] = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
+                graph[mode] = graphed(lambda x_, a_, b_: lora_linear(x_, W, None, a_, b_, 2.0), (x, A, B), dy)
+                outs[mode] = [t.clone() for t in eager[mode]()]  # the side stream must not change a result
+                if graph[mode] is not None:
+                    outs[mode + " graphed"] = [t.clone() for t in graph[mode]()]
             for _ in range(rounds):
-                kern["base"].append(gbench(base_fn))
-                wall["base"].append(bench(base_fn))
-                for mode in modes:  # (gbench runs fn once before timing: autotune / compile outside)
-                    LORA_LINEAR.PATHS.update(fwd="auto", dx="auto", dy="cublas" if mode == "cublas" else "fused")
-                    LORA_LINEAR.DA_STREAM = mode == "overlap"
-                    kern[mode].append(gbench(lora_fn))
-                    wall[mode].append(bench(lora_fn))
-                    if mode not in errs:  # the side stream must not change a result
-                        got = lora_fn()
-                        torch.cuda.synchronize()
-                        errs[mode] = got
+                for mode in ("base", *modes):  # (gbench runs fn once before timing: autotune outside)
+                    if mode != "base":
+                        setting(mode)
+                    kern[mode].append(gbench(eager[mode]))
+                    wall[mode].append(bench(graph[mode]) if graph[mode] is not None else None)
         finally:
             LORA_LINEAR.PATHS.update(before)
             LORA_LINEAR.DA_STREAM = before_da
-        same = max(rel(a, b) for a, b in zip(errs["overlap"], errs["fused"]))
+        torch.cuda.synchronize()
+        side_diff = max(rel(a, b) for a, b in zip(outs["overlap"], outs["fused"]))
+        graph_diff = max([rel(a, b) for m in modes if m + " graphed" in outs
+                          for a, b in zip(outs[m + " graphed"], outs[m])] or [float("nan")])
         auto = LORA_LINEAR._paths(M, N, K, True, sms)
 
         def fmt(times):
-            if any(t is None for t in times["base"]):
+            if any(t is None for v in times.values() for t in v):
                 return "n/a"
             med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
             ratio = {m: sorted(t / b for t, b in zip(times[m], times["base"]))[rounds // 2] for m in modes}
             return f"base {med['base'] * 1e3:.1f} us; " + ", ".join(
                 f"{m} {med[m] * 1e3:.1f} us ({100 * (ratio[m] - 1):+.1f}%)" for m in modes)
 
-        print(f"  dy a/b x[{M},{K}] -> {N} (fwd/dx {auto[0]}/{auto[1]}, auto dy {auto[2]}): kernel time: {fmt(kern)}"
-              f" | wall: {fmt(wall)} | overlap vs fused rel diff {same:.1e}", flush=True)
+        print(f"  dy a/b x[{M},{K}] -> {N} (fwd/dx {auto[0]}/{auto[1]}, auto dy {auto[2]}): eager kernel time: "
+              f"{fmt(kern)} | graphed wall: {fmt(wall)} | rel diff overlap vs fused {side_diff:.1e}, graphed vs eager "
+              f"{graph_diff:.1e}", flush=True)
+        del eager, graph, outs
+        torch.cuda.empty_cache()
+
+
+def host_probe(M=512, K=512, N=512, r=16, calls=300):
+    """Host (CPU) time per eager call, at a shape small enough that the GPU keeps up (so the loop's time is the
+    host's): the base, lora_linear on each path set, the Triton launches alone; then a cProfile of the default path
+    (where the host time goes, by function)."""
+    import cProfile
+    import pstats
+
+    from harness.kernels.lora_gemm import gemm_dx_rank_epilogue, gemm_rank_epilogue
+
+    x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
+    W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
+    A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
+    dy = torch.randn(M, N, device=DEV, dtype=DT)
+    xa, gs = torch.randn(M, r, device=DEV, dtype=DT), torch.randn(M, r, device=DEV, dtype=DT)
+    before, before_da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
+
+    def host_us(fn):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - t) / calls * 1e6
+        torch.cuda.synchronize()
+        return host
+
+    lora = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
+    cases = [("F.linear fwd+bwd", None, grad_fn(lambda: F.linear(x, W), (x,), dy))]
+    for spec in ("cublas", "fwd=epilogue,dx=epilogue,dy=fused", "fwd=epilogue,dx=cublas,dy=cublas",
+                 "fwd=cublas,dx=epilogue,dy=cublas", "fwd=cublas,dx=cublas,dy=fused"):
+        cases.append((f"lora_linear fwd+bwd, paths {spec}", spec, lora))
+    cases.append(("lora_linear fwd+bwd, epilogue/epilogue/fused + DA_STREAM", "da", lora))
+    cases += [("gemm_rank_epilogue alone", None, lambda: gemm_rank_epilogue(x.detach(), W, xa, B.detach(), None, 2.0)),
+              ("gemm_dx_rank_epilogue alone", None, lambda: gemm_dx_rank_epilogue(dy, W, gs, A.detach())),
+              ("_dy_pass alone", None, lambda: LORA_LINEAR._dy_pass(dy, B.detach(), xa, 2.0, DT, DT)),
+              ("_mm_scaled alone", None, lambda: LORA_LINEAR._mm_scaled(dy, B.detach(), 2.0)),
+              ("torch.mm alone", None, lambda: torch.mm(dy, B.detach()))]
+    try:
+        for name, spec, fn in cases:
+            LORA_LINEAR.PATHS.update(before)
+            LORA_LINEAR.DA_STREAM = False
+            if spec == "da":
+                LORA_LINEAR.set_paths("fwd=epilogue,dx=epilogue,dy=fused")
+                LORA_LINEAR.DA_STREAM = True
+            elif spec:
+                LORA_LINEAR.set_paths(spec)
+            print(f"  host x[{M},{K}] -> {N}: {name}: {host_us(fn):.1f} us per call", flush=True)
+        LORA_LINEAR.set_paths("fwd=epilogue,dx=epilogue,dy=fused")
+        LORA_LINEAR.DA_STREAM = False
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            lora()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"  host cProfile of {calls} lora_linear fwd+bwd calls (epilogue/epilogue/fused), by own time:", flush=True)
+        st = pstats.Stats(prof, stream=sys.stdout)
+        st.sort_stats("tottime").print_stats(25)
+    finally:
+        LORA_LINEAR.PATHS.update(before)
+        LORA_LINEAR.DA_STREAM = before_da
 
 
 def bench_lora_group(N, H, outs, label, r=16, bias=False):
@@ -716,6 +811,9 @@ def main():
     ap.add_argument("--dy-ab", type=int, default=0, metavar="ROUNDS",
                     help="lora group: the dy path (cublas vs fused) inside whole fwd+bwd calls, ROUNDS interleaved "
                          "rounds with the base, at the kernel and anchor shapes; then exit")
+    ap.add_argument("--host", action="store_true",
+                    help="lora group: host (CPU) time per eager call of each path and a cProfile of the default "
+                         "(then --dy-ab if given, else exit)")
     ap.add_argument("--iters", type=int, default=10,
                     help="calls per profiler measurement of GPU kernel time (more: steadier large shapes)")
     args = ap.parse_args()
@@ -731,6 +829,11 @@ def main():
     N = 8192
     hiddens = [1536, 3584]
     inters = {1536: 8960, 3584: 18944}
+    if "lora" in only and args.host:
+        host_probe()
+        print(f"\n# host probe done in {time.time() - t0:.0f} s", flush=True)
+        if not args.dy_ab:
+            return
     if "lora" in only and args.dy_ab:
         # the M = 8,192 kernel shapes, then the anchor's (4 x 1,024 tokens: q/o, k/v; 4 x 32 x 32 patches: vision
         # qkv, proj, fc1, fc2; the tiled MLP's 2,048-row tiles)

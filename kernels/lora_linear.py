@@ -356,10 +356,11 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, dy_fused_min: int 
     return fwd, dx, dy
 
 
-# dA on a side CUDA stream, beside the dx GEMM (eager lora_linear; never while a CUDA graph is captured): dA reads
-# x2 and gs, which exist before the dx GEMM starts, and nothing in the backward reads dA, so its memory-bound pass
-# over x can run on the multiprocessors the compute-bound GEMM leaves idle. Off by default until measured
-# (kernels_bench.py --dy-ab times it as "overlap"); the environment variable HARNESS_LORA_DA_STREAM=1 turns it on.
+# dA on a side CUDA stream, beside the dx GEMM (eager lora_linear, and under CUDA-graph capture, where the
+# wait_stream pair forks and joins the captured graph): dA reads x2 and gs, which exist before the dx GEMM starts,
+# and nothing in the backward reads dA, so its memory-bound pass over x can run on the multiprocessors the
+# compute-bound GEMM leaves idle. Off by default until measured (kernels_bench.py --dy-ab times it as "overlap");
+# the environment variable HARNESS_LORA_DA_STREAM=1 turns it on.
 DA_STREAM: bool = os.environ.get("HARNESS_LORA_DA_STREAM", "0") == "1"
 _SIDE_STREAMS: dict = {}
 
@@ -373,24 +374,23 @@ def _side_stream(device: torch.device):
 
 
 def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype):
-    """Start ``gs^T x2`` (dA) on the side stream; returns (dA, join): call ``join()`` on the current stream after
-    the work it runs beside. Without CUDA, under graph capture or with :data:`DA_STREAM` off: computed here, and
-    join does nothing."""
-    if not (DA_STREAM and gs.is_cuda and not torch.cuda.is_current_stream_capturing()):
+    """Start ``gs^T x2`` (dA, [r, K]) on the side stream; returns (dA, join): call ``join()`` on the current stream
+    after the work it runs beside, before anything reads dA. dA is allocated on the current stream and the side
+    stream only writes it; gs and x2 are freed after the join, on the current stream. So no allocation crosses
+    streams and no ``record_stream`` is needed (which graph capture would not allow). Without CUDA or with
+    :data:`DA_STREAM` off: computed here, and join does nothing."""
+    if not (DA_STREAM and gs.is_cuda):
         return _rank_grad(gs, x2, 1.0, out_dtype), lambda: None
     main = torch.cuda.current_stream(gs.device)
     side = _side_stream(gs.device)
+    dA = torch.empty((gs.shape[1], x2.shape[1]), dtype=out_dtype, device=gs.device)
     side.wait_stream(main)  # gs (and x2) are ready on main
     with torch.cuda.stream(side):
-        dA = _rank_grad(gs, x2, 1.0, out_dtype)
-
-    def join():
-        main.wait_stream(side)
-        dA.record_stream(main)  # allocated on side, used on main from here on
-        gs.record_stream(side)  # read on side: not reused before side is done
-        x2.record_stream(side)
-
-    return dA, join
+        if RANK_GRADS == "cublas" and out_dtype == gs.dtype:
+            torch.mm(gs.t(), x2, out=dA)
+        else:  # (a side-stream temporary, freed on the side stream: reused only by later side-stream work)
+            dA.copy_(_rank_grad(gs, x2, 1.0, out_dtype))
+    return dA, lambda: main.wait_stream(side)
 
 
 def _rank_forward(x2, W, xa, B, b, scale: float, path: str) -> torch.Tensor:

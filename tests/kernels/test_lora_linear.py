@@ -405,6 +405,13 @@ def test_da_side_stream_matches_serial_gpu(cuda, monkeypatch, K, N):
             for a, e in zip(got, want):
                 assert torch.equal(a, e)
     assert mod._SIDE_STREAMS, "the side stream was never used"
+    # captured in a CUDA graph (the fork and join become graph edges): the replay gives the same again
+    graphed = torch.cuda.make_graphed_callables(lambda x_, a_, b_: lora_linear(x_, W, None, a_, b_, 2.0), (x, A, B))
+    for dy, want in zip(dys, serial):
+        y = graphed(x, A, B)
+        got = (y, *torch.autograd.grad(y, (x, A, B), dy))
+        for a, e in zip(got, want):
+            assert torch.equal(a, e)
 
 
 def test_da_stream_is_a_no_op_without_cuda(seed, close, monkeypatch):
