@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import DY_FUSED_MIN_ELEMENTS, _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad, _triton_ok
+from .lora_linear import (DY_FUSED_MIN_ELEMENTS, _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad,
+                          _rank_grad_beside, _triton_ok)
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -61,8 +62,10 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     gs, dB = _rank_dy(dy, B, xa, s, dy_path, need_x or need_a, need_b, B.dtype)  # s dy B, s dy^T xa
     if dB is None:
         dB = B.new_empty((0,))
-    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
-    dA = _rank_grad(gs, x, 1.0, A.dtype) if need_a else A.new_empty((0,))  # gs^T x: [r, K]
+    dA, join = _rank_grad_beside(gs, x, A.dtype) if need_a else (A.new_empty((0,)), None)  # gs^T x: [r, K]
+    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))  # (dA beside it: DA_STREAM)
+    if join is not None:
+        join()
     return dx, dA, dB
 
 

@@ -397,19 +397,21 @@ def test_da_side_stream_matches_serial_gpu(cuda, monkeypatch, K, N):
     B = (torch.randn(N, r, device=cuda, dtype=torch.bfloat16) * 0.1).requires_grad_(True)
     dys = [torch.randn(T, N, device=cuda, dtype=torch.bfloat16) for _ in range(3)]
     monkeypatch.setattr(mod, "DA_STREAM", False)
-    serial = [_grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy) for dy in dys]
+    serial = [[t.detach() for t in _grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy)] for dy in dys]
     monkeypatch.setattr(mod, "DA_STREAM", True)
     for _ in range(2):
-        side = [_grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy) for dy in dys]
+        side = [[t.detach() for t in _grads(lambda: lora_linear(x, W, None, A, B, 2.0), x, A, B, dy)] for dy in dys]
         for got, want in zip(side, serial):
             for a, e in zip(got, want):
                 assert torch.equal(a, e)
     assert mod._SIDE_STREAMS, "the side stream was never used"
-    # captured in a CUDA graph (the fork and join become graph edges): the replay gives the same again
-    graphed = torch.cuda.make_graphed_callables(lambda x_, a_, b_: lora_linear(x_, W, None, a_, b_, 2.0), (x, A, B))
+    # captured in a CUDA graph (the fork and join become graph edges; fresh leaves, whose autograd nodes no eager
+    # call made on another stream): the replay gives the same again
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in (x, A, B))
+    graphed = torch.cuda.make_graphed_callables(lambda x_, a_, b_: lora_linear(x_, W, None, a_, b_, 2.0), leaves)
     for dy, want in zip(dys, serial):
-        y = graphed(x, A, B)
-        got = (y, *torch.autograd.grad(y, (x, A, B), dy))
+        y = graphed(*leaves)
+        got = (y, *torch.autograd.grad(y, leaves, dy))
         for a, e in zip(got, want):
             assert torch.equal(a, e)
 
