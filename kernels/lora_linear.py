@@ -321,25 +321,25 @@ if os.environ.get("HARNESS_LORA_PATHS"):
     set_paths(os.environ["HARNESS_LORA_PATHS"])
 
 
-# dy "auto" in the lora_op (compiled layers) beside two plain cuBLAS GEMMs: the fused pass from this many dy elements
-# up. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at [8192, 18944]; a tie at [8192, 1536] and [8192, 3584]
-# (19.6 / 19.5, 42.3 / 42.8 us); cuBLAS ahead by 2.5-7 us at the seven smaller shapes (the anchor's all), each
-# timed alone; the anchor A/B agrees (+1.7% tokens/s). Inside whole eager lora_linear calls at M = 8,192 the fused
-# pass did better (run 10), so lora_linear does not use this threshold.
+# dy "auto" beside two plain cuBLAS GEMMs (RANK_GRADS "cublas"): the fused pass from this many dy elements up, in
+# lora_linear, the grouped form and the lora_op alike. H100, run 9: fused 150.8 us vs cuBLAS 215.6 us at
+# [8192, 18944] timed alone, a tie at [8192, 1536] / [8192, 3584], cuBLAS ahead at the seven smaller shapes (the
+# anchor's all); the anchor A/B agrees (+1.7% tokens/s over fused everywhere). Inside whole eager lora_linear calls
+# (run 11: 5 interleaved rounds, median of the per-round ratios to the base, two calls) cuBLAS is ahead or tied at
+# 10-11 of 12 shapes, by up to 33 points at the 4,096-row ones; the exceptions are within the calls' spread.
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int, dy_fused_min: int = 0) -> tuple[str, str, str]:
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
+           dy_fused_min: int = DY_FUSED_MIN_ELEMENTS) -> tuple[str, str, str]:
     """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
     the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
     least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
     at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
     every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
-    our GEMM does not). The fused dy pass: for dy of at least ``dy_fused_min`` elements (beside the split-K dB of
-    ``RANK_GRADS = "splitk"`` always). lora_linear / lora_linear_grouped (eager) pass 0: inside a whole fwd+bwd the
-    fused pass beat two cuBLAS GEMMs at 4 of 6 kernel shapes (H100, run 10; alone, with dy still in L2, the cuBLAS
-    pair looked as fast or faster, run 9). The lora_op (compiled layers, CUDA graphs) passes
-    :data:`DY_FUSED_MIN_ELEMENTS`: the anchor A/B measured that rule +1.7% tokens/s over fused everywhere (run 9)."""
+    our GEMM does not). The fused dy pass: for dy of at least ``dy_fused_min`` elements (default
+    :data:`DY_FUSED_MIN_ELEMENTS`, measured in isolation, inside eager calls and end to end: runs 9 and 11), and
+    beside the split-K dB of ``RANK_GRADS = "splitk"`` always."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]

@@ -29,8 +29,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import (DY_FUSED_MIN_ELEMENTS, _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad,
-                          _rank_grad_beside, _triton_ok)
+from .lora_linear import _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad, _rank_grad_beside, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -45,8 +44,7 @@ def lora_mm(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], A: torc
 def _op_paths(x: torch.Tensor, w: torch.Tensor) -> tuple[str, str, str]:
     """lora_linear's (fwd, dx, dy) kernel paths for ``x [M, K] -> [M, N]``; the Triton GEMMs only for a contiguous
     ``w`` (the tiled MLP's backward passes ``W^T`` views, which would take the slower pointer-load kernels)."""
-    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device),
-                  dy_fused_min=DY_FUSED_MIN_ELEMENTS)
+    return _paths(x.shape[0], w.shape[0], w.shape[1], _triton_ok(x, w) and w.is_contiguous(), num_sms(x.device))
 
 
 @lora_mm.register_fake

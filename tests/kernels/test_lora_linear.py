@@ -218,9 +218,10 @@ def test_rank_grads_either_way(cpu_interp, seed, close, monkeypatch, rank_grads,
 
 def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the_gpu(monkeypatch):
     """auto: the forward epilogue GEMM for N >= K (it spares an [M, N] write + read), the dx epilogue GEMM for
-    K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass always in
-    lora_linear (and beside the split-K dB), in the lora_op only for dy of 2^26 elements or more; plain cuBLAS
-    everywhere when Triton cannot run. (The measurements these rules follow: docs/kernels.md runs 7, 9 and 10.)"""
+    K >= N, either where its output is at least two waves of 128 x 256 tiles; the fused dy pass beside the split-K
+    dB always, beside two cuBLAS GEMMs only for dy of 2^26 elements or more (lora_linear, grouped and lora_op
+    alike); plain cuBLAS everywhere when Triton cannot run. (The measurements these rules follow: docs/kernels.md
+    runs 7, 9 and 11.)"""
     mod = importlib.import_module("harness.kernels.lora_linear")
     monkeypatch.setattr(mod, "PATHS", {"fwd": "auto", "dx": "auto", "dy": "auto"})
     _paths = mod._paths
@@ -233,21 +234,20 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     assert _paths(4096, 1280, 5120, True, 132) == ("cublas", "epilogue", "fused")  # 160 tiles: not two waves
     assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")  # square q / o
     assert _paths(8192, 1536, 1536, False, 132) == ("cublas", "cublas", "cublas")
-    # with RANK_GRADS "cublas" (the default): lora_linear (dy_fused_min 0) takes the fused dy pass at every shape; the
-    # lora_op passes DY_FUSED_MIN_ELEMENTS, so only a large dy goes fused there
+    # with RANK_GRADS "cublas" (the default): only a large dy goes fused
     monkeypatch.setattr(mod, "RANK_GRADS", "cublas")
-    assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "fused")
-    assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "fused")
-    op_min = mod.DY_FUSED_MIN_ELEMENTS
-    assert op_min == 1 << 26
-    assert _paths(8192, 18944, 3584, True, 132, dy_fused_min=op_min)[2] == "fused"  # 155 M elements
-    assert _paths(8192, 3584, 18944, True, 132, dy_fused_min=op_min)[2] == "cublas"  # 29 M
-    assert _paths(4096, 1536, 1536, True, 132, dy_fused_min=op_min) == ("epilogue", "epilogue", "cublas")  # anchor q/o
+    assert mod.DY_FUSED_MIN_ELEMENTS == 1 << 26
+    assert _paths(8192, 18944, 3584, True, 132)[2] == "fused"  # MLP up: dy of 155 M elements
+    assert _paths(8192, 3584, 18944, True, 132)[2] == "cublas"  # MLP down: 29 M
+    assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "cublas")  # square q / o, 8,192 rows
+    assert _paths(4096, 1536, 1536, True, 132) == ("epilogue", "epilogue", "cublas")  # anchor q/o
+    assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "cublas")
+    assert _paths(4096, 1536, 1536, True, 132, dy_fused_min=0)[2] == "fused"  # the threshold is a parameter
     op = importlib.import_module("harness.kernels.lora_op")
     monkeypatch.setattr(op, "_triton_ok", lambda x, w: True)
     assert op._op_paths(torch.empty(4096, 1536), torch.empty(1536, 1536))[2] == "cublas"  # the op's threshold
     monkeypatch.setitem(mod.PATHS, "dy", "fused")  # an explicit choice is kept
-    assert _paths(2048, 8960, 1536, True, 132, dy_fused_min=op_min)[2] == "fused"
+    assert _paths(2048, 8960, 1536, True, 132)[2] == "fused"
 
 
 @pytest.mark.parametrize("M,N,r", [(37, 50, 4), (64, 33, 16), (5, 130, 20)])
