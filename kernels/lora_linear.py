@@ -377,10 +377,10 @@ def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype
     """Start ``gs^T x2`` (dA, [r, K]) on the side stream; returns (dA, join): call ``join()`` on the current stream
     after the work it runs beside, before anything reads dA. dA is allocated on the current stream and the side
     stream only writes it; gs and x2 are freed after the join, on the current stream. So no allocation crosses
-    streams and no ``record_stream`` is needed (which graph capture would not allow). Without CUDA or with
-    :data:`DA_STREAM` off: computed here, and join does nothing."""
+    streams and no ``record_stream`` is needed (which graph capture would not allow). None without CUDA or with
+    :data:`DA_STREAM` off: the caller then computes dA after dx, in the usual order."""
     if not (DA_STREAM and gs.is_cuda):
-        return _rank_grad(gs, x2, 1.0, out_dtype), lambda: None
+        return None
     main = torch.cuda.current_stream(gs.device)
     side = _side_stream(gs.device)
     dA = torch.empty((gs.shape[1], x2.shape[1]), dtype=out_dtype, device=gs.device)
@@ -453,16 +453,17 @@ class LoRALinearFunction(torch.autograd.Function):
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
             gs, dB = _rank_dy(dy2, B, xa, s, dy_path, need_x or need_a, need_bb, b_dtype)  # s dy B, s dy^T xa
-            join = None
-            if need_a:
-                dA, join = _rank_grad_beside(gs, x2, a_dtype)  # g^T x: [r, K] (beside the dx GEMM: DA_STREAM)
+            side = _rank_grad_beside(gs, x2, a_dtype) if need_a else None  # dA beside the dx GEMM (DA_STREAM)
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
                 dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)
                 if dx.dtype != ctx.x_dtype:
                     dx = dx.to(ctx.x_dtype)
-            if join is not None:
+            if side is not None:
+                dA, join = side
                 join()
+            elif need_a:
+                dA = _rank_grad(gs, x2, 1.0, a_dtype)  # g^T x: [r, K]
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

@@ -60,10 +60,13 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     gs, dB = _rank_dy(dy, B, xa, s, dy_path, need_x or need_a, need_b, B.dtype)  # s dy B, s dy^T xa
     if dB is None:
         dB = B.new_empty((0,))
-    dA, join = _rank_grad_beside(gs, x, A.dtype) if need_a else (A.new_empty((0,)), None)  # gs^T x: [r, K]
-    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))  # (dA beside it: DA_STREAM)
-    if join is not None:
+    side = _rank_grad_beside(gs, x, A.dtype) if need_a else None  # dA beside the dx GEMM (DA_STREAM)
+    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
+    if side is not None:
+        dA, join = side
         join()
+    else:
+        dA = _rank_grad(gs, x, 1.0, A.dtype) if need_a else A.new_empty((0,))  # gs^T x: [r, K]
     return dx, dA, dB
 
 
