@@ -356,11 +356,13 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
     return fwd, dx, dy
 
 
-# dA on a side CUDA stream, beside the dx GEMM (eager lora_linear, and under CUDA-graph capture, where the
-# wait_stream pair forks and joins the captured graph): dA reads x2 and gs, which exist before the dx GEMM starts,
-# and nothing in the backward reads dA, so its memory-bound pass over x can run on the multiprocessors the
-# compute-bound GEMM leaves idle. Off by default until measured (kernels_bench.py --dy-ab times it as "overlap");
-# the environment variable HARNESS_LORA_DA_STREAM=1 turns it on.
+# dA on a side CUDA stream, beside the dx GEMM: dA reads x2 and gs, which exist before the dx GEMM starts, and
+# nothing in the backward reads dA, so its memory-bound pass over x can run on the multiprocessors the
+# compute-bound GEMM leaves idle (under CUDA-graph capture too: the wait_stream pair forks and joins the graph).
+# Here, for eager lora_linear: off (HARNESS_LORA_DA_STREAM=1 turns it on). Replayed as CUDA graphs it was ahead at 10
+# of 12 shapes by 0.4-4 points of the base, but eager it costs ~57 us of host time per call, and eager calls at
+# these shapes are host-bound (docs/kernels.md run 11). The lora_op (compiled layers) has its own switch,
+# kernels/lora_op.py OP_DA_STREAM, on.
 DA_STREAM: bool = os.environ.get("HARNESS_LORA_DA_STREAM", "0") == "1"
 _SIDE_STREAMS: dict = {}
 
@@ -373,13 +375,13 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype):
+def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype, enabled: bool):
     """Start ``gs^T x2`` (dA, [r, K]) on the side stream; returns (dA, join): call ``join()`` on the current stream
     after the work it runs beside, before anything reads dA. dA is allocated on the current stream and the side
     stream only writes it; gs and x2 are freed after the join, on the current stream. So no allocation crosses
-    streams and no ``record_stream`` is needed (which graph capture would not allow). None without CUDA or with
-    :data:`DA_STREAM` off: the caller then computes dA after dx, in the usual order."""
-    if not (DA_STREAM and gs.is_cuda):
+    streams and no ``record_stream`` is needed (which graph capture would not allow). None without CUDA or unless
+    ``enabled``: the caller then computes dA after dx, in the usual order."""
+    if not (enabled and gs.is_cuda):
         return None
     main = torch.cuda.current_stream(gs.device)
     side = _side_stream(gs.device)
@@ -453,7 +455,7 @@ class LoRALinearFunction(torch.autograd.Function):
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
             gs, dB = _rank_dy(dy2, B, xa, s, dy_path, need_x or need_a, need_bb, b_dtype)  # s dy B, s dy^T xa
-            side = _rank_grad_beside(gs, x2, a_dtype) if need_a else None  # dA beside the dx GEMM (DA_STREAM)
+            side = _rank_grad_beside(gs, x2, a_dtype, DA_STREAM) if need_a else None  # dA beside the dx GEMM
             if need_x:
                 W = _materialize_weight(weight, ctx.nf4, cdt)
                 dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)

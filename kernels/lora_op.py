@@ -24,6 +24,7 @@ In the inputs' dtype, for 2-D ``x``. The reference is
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -52,6 +53,13 @@ def _(x, w, b, A, B, s):
     return x.new_empty((x.shape[0], w.shape[0])), x.new_empty((x.shape[0], A.shape[0]))
 
 
+# dA on a side stream beside the dx GEMM in the compiled layers' backward (lora_linear.DA_STREAM says how; here the
+# layers replay CUDA graphs, so its host cost is paid once): +1.5% and +0.7% tokens/s on the anchor workload, two
+# interleaved rounds (27,693 / 27,583 vs 27,292 / 27,379), peak +0.03 GiB, same loss (H100, 2026-12-07,
+# docs/kernels.md run 11). HARNESS_LORA_OP_DA_STREAM=0 turns it off.
+OP_DA_STREAM: bool = os.environ.get("HARNESS_LORA_OP_DA_STREAM", "1") == "1"
+
+
 @torch.library.custom_op("harness::lora_mm_backward", mutates_args=())
 def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                      xa: torch.Tensor, s: float, need_x: bool, need_a: bool,
@@ -60,7 +68,7 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     gs, dB = _rank_dy(dy, B, xa, s, dy_path, need_x or need_a, need_b, B.dtype)  # s dy B, s dy^T xa
     if dB is None:
         dB = B.new_empty((0,))
-    side = _rank_grad_beside(gs, x, A.dtype) if need_a else None  # dA beside the dx GEMM (DA_STREAM)
+    side = _rank_grad_beside(gs, x, A.dtype, OP_DA_STREAM) if need_a else None  # dA beside the dx GEMM
     dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
     if side is not None:
         dA, join = side

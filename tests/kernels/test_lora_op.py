@@ -118,7 +118,7 @@ def test_lora_mm_is_opaque_to_the_compiler():
 def test_lora_mm_bf16_gpu(cuda, rel, monkeypatch, hidden, out, compiled, lora_paths, da_stream):
     """Real shapes (Qwen2-VL-2B MLP up, Qwen2-VL-7B k_proj), bf16 with bf16 adapters as the compiled layers cast
     them, against the fp32 reference: relative error within bf16 rounding; with dA on the side stream too."""
-    monkeypatch.setattr(importlib.import_module("harness.kernels.lora_linear"), "DA_STREAM", da_stream)
+    monkeypatch.setattr(importlib.import_module("harness.kernels.lora_op"), "OP_DA_STREAM", da_stream)
     torch._dynamo.reset()
     g = torch.Generator(device=cuda).manual_seed(hidden + out)
     N, r, s = 4096, 16, 2.0
