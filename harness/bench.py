@@ -25,6 +25,7 @@ Options vary the workload: --batch --tokens --grid --r --gc (false|true|unsloth)
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -461,13 +462,13 @@ def _label(r):
         name += " (no lora_op)"
     if r.get("lora_paths") not in (None, "auto"):  # kernels.lora_paths: label the rows off the default
         name += f" (lora_paths {r['lora_paths']})"
+    if r.get("lora_op_da_stream") is False:  # the lora_op's dA beside the dx GEMM is the default
+        name += " (dA after dx)"
     return name if m == "anchor" else f"{name} [{m}]"
 
 
 def _lora_paths_label() -> str:
     """harness.kernels.lora_linear.PATHS as one word: "cublas", "auto", or "fwd=...,dx=...,dy=..."."""
-    import importlib
-
     paths = importlib.import_module("harness.kernels.lora_linear").PATHS
     values = set(paths.values())
     return values.pop() if len(values) == 1 else ",".join(f"{k}={v}" for k, v in paths.items())
@@ -711,6 +712,8 @@ def main():
                 res["lora_op"] = False
             if a.stack.startswith("harness") and not a.no_kernels:  # the LoRA kernel paths this run took
                 res["lora_paths"] = _lora_paths_label()
+                # dA beside the dx GEMM in the compiled layers (HARNESS_LORA_OP_DA_STREAM, kernels/lora_op.py)
+                res["lora_op_da_stream"] = bool(importlib.import_module("harness.kernels.lora_op").OP_DA_STREAM)
             print(json.dumps(res), flush=True)
         except Exception as e:
             import traceback

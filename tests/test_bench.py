@@ -223,6 +223,8 @@ def _check_inductor_options(ic, set_inductor_options, _label):
     assert _label({"stack": "harness16", "lora_op": True}) == "harness16"
     assert _label({"stack": "harness16", "lora_paths": "cublas"}) == "harness16 (lora_paths cublas)"
     assert _label({"stack": "harness16", "lora_paths": "auto"}) == "harness16"
+    assert _label({"stack": "harness16", "lora_op_da_stream": False}) == "harness16 (dA after dx)"
+    assert _label({"stack": "harness16", "lora_op_da_stream": True}) == "harness16"
     assert set_inductor_options([]) == {}
 
 
