@@ -330,16 +330,15 @@ if os.environ.get("HARNESS_LORA_PATHS"):
 DY_FUSED_MIN_ELEMENTS = 1 << 26
 
 
-def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
-           dy_fused_min: int = DY_FUSED_MIN_ELEMENTS) -> tuple[str, str, str]:
+def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int) -> tuple[str, str, str]:
     """The (fwd, dx, dy) paths for x [M, K] -> y [M, N] on a GPU of ``sms`` multiprocessors. auto, per direction:
     the Triton epilogue GEMM where the tensor it spares (the [M, N] rank-r term forward, [M, K] backward) is at
     least as large as the GEMM's other side (N >= K forward, K >= N backward), or where its output fills the GPU
     at least twice over in 128 x 256 tiles. Measured on an H200 (docs/kernels.md, run 7): the epilogue GEMMs win at
     every M = 8,192 shape and lose only where a 2,048-row output is 96 tiles (under one wave: cuBLAS splits K there,
-    our GEMM does not). The fused dy pass: for dy of at least ``dy_fused_min`` elements (default
-    :data:`DY_FUSED_MIN_ELEMENTS`, measured in isolation, inside eager calls and end to end: runs 9 and 11), and
-    beside the split-K dB of ``RANK_GRADS = "splitk"`` always."""
+    our GEMM does not). The fused dy pass: for dy of at least :data:`DY_FUSED_MIN_ELEMENTS` elements (measured in
+    isolation, inside eager calls and end to end: runs 9 and 11), and beside the split-K dB of
+    ``RANK_GRADS = "splitk"`` always."""
     if not triton_ok:
         return "cublas", "cublas", "cublas"
     fwd, dx, dy = PATHS["fwd"], PATHS["dx"], PATHS["dy"]
@@ -352,7 +351,7 @@ def _paths(M: int, N: int, K: int, triton_ok: bool, sms: int,
     if dx == "auto":
         dx = "epilogue" if K >= N or fills(K) else "cublas"
     if dy == "auto":
-        dy = "fused" if RANK_GRADS != "cublas" or M * N >= dy_fused_min else "cublas"
+        dy = "fused" if RANK_GRADS != "cublas" or M * N >= DY_FUSED_MIN_ELEMENTS else "cublas"
     return fwd, dx, dy
 
 
@@ -375,24 +374,28 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
-def _rank_grad_beside(gs: torch.Tensor, x2: torch.Tensor, out_dtype: torch.dtype, enabled: bool):
-    """Start ``gs^T x2`` (dA, [r, K]) on the side stream; returns (dA, join): call ``join()`` on the current stream
-    after the work it runs beside, before anything reads dA. dA is allocated on the current stream and the side
+def _dx_and_da(dx_fn, gs: torch.Tensor, x2: torch.Tensor, da_dtype: torch.dtype, need_a: bool, beside: bool):
+    """``(dx_fn(), dA)`` with dA = ``gs^T x2`` ([r, K], None unless ``need_a``): dA after dx, or, with ``beside`` on
+    CUDA, on the side stream while dx_fn's GEMM runs. There dA is allocated on the current stream and the side
     stream only writes it; gs and x2 are freed after the join, on the current stream. So no allocation crosses
-    streams and no ``record_stream`` is needed (which graph capture would not allow). None without CUDA or unless
-    ``enabled``: the caller then computes dA after dx, in the usual order."""
-    if not (enabled and gs.is_cuda):
-        return None
+    streams and no ``record_stream`` is needed (which graph capture would not allow)."""
+    if not need_a:
+        return dx_fn(), None
+    if not (beside and gs.is_cuda):
+        dx = dx_fn()
+        return dx, _rank_grad(gs, x2, 1.0, da_dtype)
     main = torch.cuda.current_stream(gs.device)
     side = _side_stream(gs.device)
-    dA = torch.empty((gs.shape[1], x2.shape[1]), dtype=out_dtype, device=gs.device)
+    dA = torch.empty((gs.shape[1], x2.shape[1]), dtype=da_dtype, device=gs.device)
     side.wait_stream(main)  # gs (and x2) are ready on main
     with torch.cuda.stream(side):
-        if RANK_GRADS == "cublas" and out_dtype == gs.dtype:
+        if RANK_GRADS == "cublas" and da_dtype == gs.dtype:
             torch.mm(gs.t(), x2, out=dA)
         else:  # (a side-stream temporary, freed on the side stream: reused only by later side-stream work)
-            dA.copy_(_rank_grad(gs, x2, 1.0, out_dtype))
-    return dA, lambda: main.wait_stream(side)
+            dA.copy_(_rank_grad(gs, x2, 1.0, da_dtype))
+    dx = dx_fn()
+    main.wait_stream(side)  # the join: dA is ready on main
+    return dx, dA
 
 
 def _rank_forward(x2, W, xa, B, b, scale: float, path: str) -> torch.Tensor:
@@ -455,17 +458,15 @@ class LoRALinearFunction(torch.autograd.Function):
         _, dx_path, dy_path = ctx.paths
         with torch.autocast(device_type=dy.device.type, enabled=False):
             gs, dB = _rank_dy(dy2, B, xa, s, dy_path, need_x or need_a, need_bb, b_dtype)  # s dy B, s dy^T xa
-            side = _rank_grad_beside(gs, x2, a_dtype, DA_STREAM) if need_a else None  # dA beside the dx GEMM
-            if need_x:
+
+            def dx_fn():
+                if not need_x:
+                    return None
                 W = _materialize_weight(weight, ctx.nf4, cdt)
                 dx = _rank_dx(dy2, W, A, gs, dx_path).view(ctx.in_shape)
-                if dx.dtype != ctx.x_dtype:
-                    dx = dx.to(ctx.x_dtype)
-            if side is not None:
-                dA, join = side
-                join()
-            elif need_a:
-                dA = _rank_grad(gs, x2, 1.0, a_dtype)  # g^T x: [r, K]
+                return dx if dx.dtype == ctx.x_dtype else dx.to(ctx.x_dtype)
+
+            dx, dA = _dx_and_da(dx_fn, gs, x2, a_dtype, need_a, DA_STREAM)  # g^T x: [r, K], beside dx if DA_STREAM
             if need_w and weight is not None:
                 dw = torch.mm(dy2.t(), x2).to(weight.dtype)
             if need_b and bias is not None:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ._triton_utils import num_sms
-from .lora_linear import _paths, _rank_dx, _rank_dy, _rank_forward, _rank_grad, _rank_grad_beside, _triton_ok
+from .lora_linear import _dx_and_da, _paths, _rank_dx, _rank_dy, _rank_forward, _triton_ok
 
 __all__ = ["lora_mm", "lora_mm_backward", "lowrank_addmm"]
 
@@ -68,14 +68,9 @@ def lora_mm_backward(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, A: torc
     gs, dB = _rank_dy(dy, B, xa, s, dy_path, need_x or need_a, need_b, B.dtype)  # s dy B, s dy^T xa
     if dB is None:
         dB = B.new_empty((0,))
-    side = _rank_grad_beside(gs, x, A.dtype, OP_DA_STREAM) if need_a else None  # dA beside the dx GEMM
-    dx = _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,))
-    if side is not None:
-        dA, join = side
-        join()
-    else:
-        dA = _rank_grad(gs, x, 1.0, A.dtype) if need_a else A.new_empty((0,))  # gs^T x: [r, K]
-    return dx, dA, dB
+    dx, dA = _dx_and_da(lambda: _rank_dx(dy, w, A, gs, dx_path) if need_x else x.new_empty((0,)), gs, x, A.dtype,
+                        need_a, OP_DA_STREAM)  # gs^T x: [r, K], beside the dx GEMM if OP_DA_STREAM
+    return dx, dA if dA is not None else A.new_empty((0,)), dB
 
 
 @lora_mm_backward.register_fake

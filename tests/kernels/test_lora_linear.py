@@ -242,7 +242,9 @@ def test_auto_paths_pick_epilogue_where_it_spares_the_larger_tensor_or_fills_the
     assert _paths(8192, 1536, 1536, True, 132) == ("epilogue", "epilogue", "cublas")  # square q / o, 8,192 rows
     assert _paths(4096, 1536, 1536, True, 132) == ("epilogue", "epilogue", "cublas")  # anchor q/o
     assert _paths(2048, 8960, 1536, True, 132) == ("epilogue", "cublas", "cublas")
-    assert _paths(4096, 1536, 1536, True, 132, dy_fused_min=0)[2] == "fused"  # the threshold is a parameter
+    monkeypatch.setattr(mod, "DY_FUSED_MIN_ELEMENTS", 0)  # the threshold is read at each call
+    assert _paths(4096, 1536, 1536, True, 132)[2] == "fused"
+    monkeypatch.setattr(mod, "DY_FUSED_MIN_ELEMENTS", 1 << 26)
     op = importlib.import_module("harness.kernels.lora_op")
     monkeypatch.setattr(op, "_triton_ok", lambda x, w: True)
     assert op._op_paths(torch.empty(4096, 1536), torch.empty(1536, 1536))[2] == "cublas"  # the op's threshold
