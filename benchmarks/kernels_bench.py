@@ -15,6 +15,7 @@ unfused loss (logits materialised and upcast to fp32, as transformers does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -142,6 +143,26 @@ def grad_fn(out_fn, inputs, dy):
         y = out_fn()
         return torch.autograd.grad(y, inputs, dy)
     return f
+
+
+@contextlib.contextmanager
+def lora_settings():
+    """Restore harness.kernels.lora_linear's PATHS and DA_STREAM on exit, whatever the block set."""
+    paths, da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
+    try:
+        yield
+    finally:
+        LORA_LINEAR.PATHS.update(paths)
+        LORA_LINEAR.DA_STREAM = da
+
+
+def lora_case(M, K, N, r=16):
+    """x [M, K] (requires grad), frozen W [N, K], adapters A [r, K] / B [N, r] (require grad), dy [M, N]: bf16."""
+    x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
+    W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
+    A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
+    B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
+    return x, W, A, B, torch.randn(M, N, device=DEV, dtype=DT)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -413,13 +434,10 @@ def bench_lora(N, K, M, r=16, adapter_dtype=None, nf4=None, paths_only=False):
         yr = lora_linear_reference(x32, W.float(), None, A32, B32, s)
         ref = (yr, *torch.autograd.grad(yr, (x32, A32, B32), dy.float()))
         for spec in ("cublas", "fwd=epilogue,dx=epilogue,dy=fused"):
-            before = dict(LORA_LINEAR.PATHS)
-            LORA_LINEAR.set_paths(spec)
-            try:
+            with lora_settings():
+                LORA_LINEAR.set_paths(spec)
                 y = lora_linear(x, W, None, A, B, s)
                 got = (y, *torch.autograd.grad(y, (x, A, B), dy))
-            finally:
-                LORA_LINEAR.PATHS.update(before)
             check(f"lora paths {spec} y/dx/dA/dB {shape}", max(rel(a, b) for a, b in zip(got, ref)), 2e-2)
         return base, fused
     if adapter_dtype == DT:
@@ -472,15 +490,12 @@ def print_breakdown(label, fn):
 def lora_paths_sweep(shape, fn, inputs, dy, base_b):
     """lora_linear fwd+bwd under every (fwd, dx, dy) kernel choice of harness.kernels.lora_linear.PATHS (cublas/
     cublas/cublas is the path before the Triton epilogue GEMMs and the fused dy pass), beside the cuBLAS base."""
-    before = dict(LORA_LINEAR.PATHS)
     for fwd in ("cublas", "epilogue"):
         for dx in ("cublas", "epilogue"):
             for dyp in ("cublas", "fused"):
-                LORA_LINEAR.PATHS.update(fwd=fwd, dx=dx, dy=dyp)
-                try:
+                with lora_settings():
+                    LORA_LINEAR.PATHS.update(fwd=fwd, dx=dx, dy=dyp)
                     t = both(grad_fn(fn, inputs, dy))
-                finally:
-                    LORA_LINEAR.PATHS.update(before)
                 row(f"  lora_linear paths {fwd}/{dx}/{dyp}", shape, t,
                     note=f"overhead vs base {100 * (t[0] / base_b[0] - 1):+.1f}%{kernel_note(t, base_b)}")
 
@@ -593,7 +608,6 @@ def dy_ab(shapes, rounds=5, r=16):
     (profiler sum) and the wall time of the fwd+bwd replayed as CUDA graphs (:func:`graphed`: the only one that
     sees kernels overlap, and free of host overhead). Medians, and the median of each round's ratio to the base of
     the same round (steadier than one base timing: clocks drift by 5-7%)."""
-    before, before_da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     modes = ("cublas", "fused", "overlap")
 
@@ -602,17 +616,13 @@ def dy_ab(shapes, rounds=5, r=16):
         LORA_LINEAR.DA_STREAM = mode == "overlap"
 
     for M, K, N in shapes:
-        x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
-        W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
-        A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
-        B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
-        dy = torch.randn(M, N, device=DEV, dtype=DT)
+        x, W, A, B, dy = lora_case(M, K, N, r)
         eager = {"base": grad_fn(lambda: F.linear(x, W), (x,), dy)}
         graph = {"base": graphed(lambda x_: F.linear(x_, W), (x,), dy)}
         kern = {k: [] for k in ("base", *modes)}
         wall = {k: [] for k in ("base", *modes)}
         outs = {}
-        try:
+        with lora_settings():
             for mode in modes:
                 setting(mode)
                 eager[mode] = grad_fn(lambda: lora_linear(x, W, None, A, B, 2.0), (x, A, B), dy)
@@ -626,9 +636,6 @@ def dy_ab(shapes, rounds=5, r=16):
                         setting(mode)
                     kern[mode].append(gbench(eager[mode]))
                     wall[mode].append(bench(graph[mode]) if graph[mode] is not None else None)
-        finally:
-            LORA_LINEAR.PATHS.update(before)
-            LORA_LINEAR.DA_STREAM = before_da
         torch.cuda.synchronize()
         side_diff = max(rel(a, b) for a, b in zip(outs["overlap"], outs["fused"]))
         graph_diff = max([rel(a, b) for m in modes if m + " graphed" in outs
@@ -659,13 +666,8 @@ def host_probe(M=512, K=512, N=512, r=16, calls=300):
 
     from harness.kernels.lora_gemm import gemm_dx_rank_epilogue, gemm_rank_epilogue
 
-    x = torch.randn(M, K, device=DEV, dtype=DT, requires_grad=True)
-    W = torch.randn(N, K, device=DEV, dtype=DT) / K**0.5
-    A = (torch.randn(r, K, device=DEV, dtype=DT) / K**0.5).requires_grad_(True)
-    B = (torch.randn(N, r, device=DEV, dtype=DT) * 0.1).requires_grad_(True)
-    dy = torch.randn(M, N, device=DEV, dtype=DT)
+    x, W, A, B, dy = lora_case(M, K, N, r)
     xa, gs = torch.randn(M, r, device=DEV, dtype=DT), torch.randn(M, r, device=DEV, dtype=DT)
-    before, before_da = dict(LORA_LINEAR.PATHS), LORA_LINEAR.DA_STREAM
 
     def host_us(fn):
         for _ in range(20):
@@ -689,16 +691,13 @@ def host_probe(M=512, K=512, N=512, r=16, calls=300):
               ("_dy_pass alone", None, lambda: LORA_LINEAR._dy_pass(dy, B.detach(), xa, 2.0, DT, DT)),
               ("_mm_scaled alone", None, lambda: LORA_LINEAR._mm_scaled(dy, B.detach(), 2.0)),
               ("torch.mm alone", None, lambda: torch.mm(dy, B.detach()))]
-    try:
-        for name, spec, fn in cases:
-            LORA_LINEAR.PATHS.update(before)
-            LORA_LINEAR.DA_STREAM = False
-            if spec == "da":
-                LORA_LINEAR.set_paths("fwd=epilogue,dx=epilogue,dy=fused")
-                LORA_LINEAR.DA_STREAM = True
-            elif spec:
-                LORA_LINEAR.set_paths(spec)
+    for name, spec, fn in cases:
+        with lora_settings():
+            LORA_LINEAR.DA_STREAM = spec == "da"
+            if spec:
+                LORA_LINEAR.set_paths("fwd=epilogue,dx=epilogue,dy=fused" if spec == "da" else spec)
             print(f"  host x[{M},{K}] -> {N}: {name}: {host_us(fn):.1f} us per call", flush=True)
+    with lora_settings():
         LORA_LINEAR.set_paths("fwd=epilogue,dx=epilogue,dy=fused")
         LORA_LINEAR.DA_STREAM = False
         prof = cProfile.Profile()
@@ -710,9 +709,6 @@ def host_probe(M=512, K=512, N=512, r=16, calls=300):
         print(f"  host cProfile of {calls} lora_linear fwd+bwd calls (epilogue/epilogue/fused), by own time:", flush=True)
         st = pstats.Stats(prof, stream=sys.stdout)
         st.sort_stats("tottime").print_stats(25)
-    finally:
-        LORA_LINEAR.PATHS.update(before)
-        LORA_LINEAR.DA_STREAM = before_da
 
 
 def bench_lora_group(N, H, outs, label, r=16, bias=False):
@@ -731,14 +727,11 @@ def bench_lora_group(N, H, outs, label, r=16, bias=False):
                        (x, *As, *Bs), dys))
     row(f"{label} {len(outs)}x lora_linear fwd+bwd", shape, sep,
         note=f"overhead vs base {100 * (sep[0] / base[0] - 1):+.1f}%{kernel_note(sep, base)}")
-    before = dict(LORA_LINEAR.PATHS)
     for spec in ("default", "cublas"):
-        if spec != "default":
-            LORA_LINEAR.set_paths(spec)
-        try:
+        with lora_settings():
+            if spec != "default":
+                LORA_LINEAR.set_paths(spec)
             grp = both(grad_fn(lambda: lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * len(outs)), (x, *As, *Bs), dys))
-        finally:
-            LORA_LINEAR.PATHS.update(before)
         row(f"{label} lora_linear_grouped fwd+bwd{'' if spec == 'default' else ' (paths ' + spec + ')'}", shape, grp,
             note=f"overhead vs base {100 * (grp[0] / base[0] - 1):+.1f}%{kernel_note(grp, base)}")
     ys = lora_linear_grouped(x, Ws, bs, As, Bs, [2.0] * len(outs))
