@@ -13,6 +13,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from harness.errors import UserError
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the Hydra config tree
 MODES = ("train", "plan", "eval", "infer", "report", "replay", "bench")
 QUANT_MODES = ("none", "8bit", "4bit")
@@ -29,7 +31,7 @@ DATA_ON_BAD = ("skip", "error")
 TEXT_KINDS = ("word", "number", "formula")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names key, value and what is allowed."""
 
 
