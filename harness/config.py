@@ -265,6 +265,9 @@ def register_configs() -> None:
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
+    from harness.secrets import REDACTED, is_secret_name
+
+    value = REDACTED if is_secret_name(key) else value  # an error message is printed and logged
     raise ConfigError(f"invalid config: {key}={value!r} (allowed: {allowed})")
 
 
