@@ -1,3 +1,4 @@
 from harness.cli import main
 
-main()
+if __name__ == "__main__":  # not on import (a spawned sweep job imports it as __mp_main__)
+    main()

@@ -28,6 +28,19 @@ log = logging.getLogger("harness")
 
 register_configs()
 
+
+def register_launcher() -> None:
+    """`hydra/launcher=gpus` (hydra_plugins/harness_launcher): Hydra finds plugins by walking the `hydra_plugins`
+    folders, which misses one installed in editable mode; add ours to its registry by name."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.harness_launcher.gpu_launcher import GpuLauncher  # registers its config schema
+
+    Plugins.instance().class_name_to_class[f"{GpuLauncher.__module__}.{GpuLauncher.__name__}"] = GpuLauncher
+
+
+register_launcher()
+
 # A library notice a user cannot act on: PEFT reads transformers' deprecated `is_gradient_checkpointing`
 # (transformers >= 5.2x).
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
