@@ -20,7 +20,10 @@ MODES = ("train", "plan", "eval", "infer", "report", "replay", "bench")
 QUANT_MODES = ("none", "8bit", "4bit")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "loftq")
+# PEFT's init_lora_weights that need no extra step (plus "pissa_niter_<k>"). eva / corda / mica need a data-driven
+# initialisation pass after get_peft_model that the harness does not run: rejected rather than silently skipped.
+INIT_CHOICES = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq")
+INIT_NEEDS_DATA = ("eva", "corda", "mica")
 CHECKPOINTING = ("unsloth", "true", "false")
 LOGGER_BACKENDS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -292,6 +295,39 @@ def _positive(key: str, value: Any, integer: bool = False) -> None:
         _fail(key, value, f"{'an integer' if integer else 'a number'} > 0")
 
 
+def _check_init(run: "RunConfig") -> None:
+    """lora.init_lora_weights and, for LoftQ, what PEFT needs (checked here: PEFT fails only after the model is built)."""
+    import re
+
+    init = run.lora.init_lora_weights
+    if init in INIT_NEEDS_DATA:
+        _fail("lora.init_lora_weights", init, "one of " + ", ".join(map(str, INIT_CHOICES)) + ", pissa_niter_<k>; "
+              f"{init} needs a data-driven initialisation pass the harness does not run")
+    if not (isinstance(init, str) and re.fullmatch(r"pissa_niter_[1-9]\d*", init)):
+        _choice("lora.init_lora_weights", init, (*INIT_CHOICES, "pissa_niter_<k>"))
+    lq = dict(run.lora.loftq_config or {})
+    if init != "loftq":
+        if lq:
+            _fail("lora.loftq_config", lq, "{} unless lora.init_lora_weights=loftq")
+        return
+    for key in lq:
+        _choice("lora.loftq_config key", key, ("loftq_bits", "loftq_iter"))
+    _choice("lora.loftq_config.loftq_bits", lq.get("loftq_bits", 4), (4, 8))
+    _positive("lora.loftq_config.loftq_iter", lq.get("loftq_iter", 1), integer=True)
+    if run.quant.mode != "none":
+        _fail("lora.init_lora_weights", "loftq", f"another init with quant.mode={run.quant.mode} (LoftQ quantizes "
+              "a 16-bit base itself: use quant=none)")
+    if run.device == "cpu" or run.device == "auto" and not _cuda_available():
+        _fail("lora.init_lora_weights", "loftq", "another init on a machine without CUDA (PEFT's LoftQ runs its "
+              "quantization on a GPU)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _reject_unknown_keys(cfg: DictConfig) -> None:
     """`+lora.rank=8` bypasses Hydra's struct mode; catch such typos here, with the nearest valid key."""
     import dataclasses
@@ -341,7 +377,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     if not 0.0 <= lo.lora_dropout < 1.0:
         _fail("lora.lora_dropout", lo.lora_dropout, "a number in [0, 1)")
     _choice("lora.bias", lo.bias, BIAS_CHOICES)
-    _choice("lora.init_lora_weights", lo.init_lora_weights, INIT_CHOICES)
+    _check_init(run)
     tm = lo.target_modules
     if tm is not None and not isinstance(tm, (str, list)):
         _fail("lora.target_modules", tm, "null, a list of module names, a regex string, or 'all-linear'")

@@ -176,3 +176,23 @@ def test_accelerate_model_falls_back_to_library_defaults():
     assert patch._cfg_get({}, "lora_op") is patch.KernelConfig().lora_op is True
     assert patch._cfg_get(None, "compile_mode") == "default"
     assert patch._cfg_get(type("C", (), {"tiled_mlp": None})(), "tiled_mlp") is True
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "pissa_niter_4", "olora", "gaussian", False])
+def test_peft_inits_that_need_no_data_are_accepted(compose, init):
+    assert compose([f"lora.init_lora_weights={init}"])[1].lora.init_lora_weights == init
+
+
+@pytest.mark.parametrize("overrides, key, allowed", [
+    (["lora.init_lora_weights=eva"], "lora.init_lora_weights='eva'", "data-driven initialisation"),
+    (["lora.init_lora_weights=pissa_niter_0"], "lora.init_lora_weights='pissa_niter_0'", "pissa_niter_<k>"),
+    (["lora.init_lora_weights=loftq", "device=cuda", "+lora.loftq_config.loftq_bits=2"],
+     "lora.loftq_config.loftq_bits=2", "one of 4, 8"),
+    (["lora.init_lora_weights=loftq", "device=cuda", "quant=4bit"], "lora.init_lora_weights='loftq'", "use quant=none"),
+    (["lora.init_lora_weights=loftq", "device=cpu"], "lora.init_lora_weights='loftq'", "without CUDA"),
+    (["+lora.loftq_config.loftq_bits=4"], "lora.loftq_config=", "unless lora.init_lora_weights=loftq"),
+])
+def test_init_and_loftq_are_checked_before_the_model_is_built(compose, overrides, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    assert key in str(e.value) and allowed in str(e.value), str(e.value)
