@@ -153,6 +153,9 @@ class TrainConfig:
     num_workers: int = 0
     save_steps: int = 0  # checkpoint every N steps into <run dir>/checkpoints (0: none)
     resume: str = "none"  # auto: continue from the newest checkpoint in the run dir
+    # non-finite loss / grad norm: stop (keep the last finite checkpoint, status diverged) or skip_step
+    # (zero that step's gradients; 5 skipped in a row stop the run as diverged); see harness.train.NonFiniteGuard
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -431,9 +434,12 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     t.gradient_checkpointing = str(t.gradient_checkpointing).lower()
     _choice("train.gradient_checkpointing", t.gradient_checkpointing, ("auto", *CHECKPOINTING))
     _choice("train.resume", t.resume, ("none", "auto"))
+    _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip_step"))
     if t.full_finetuning and run.quant.mode != "none":
         _fail("train.full_finetuning", True,
               f"false when quant.mode={run.quant.mode} (full fine-tuning needs a 16/32-bit base; use quant=none)")
+    if t.full_finetuning and run.save.merged:  # nothing to merge: would be skipped silently after training
+        _fail("save.merged", True, "false with train.full_finetuning=true (model/ already holds the full model)")
 
     _choice("save.merged_dtype", run.save.merged_dtype, DTYPES)
     if run.save.push_to_hub and run.mode == "train":

@@ -93,16 +93,24 @@ def merged_model(peft_model, dtype: torch.dtype | None = None):
     n = dequantize_model(base)
     if n or getattr(base, "hf_quantizer", None) is not None:
         log.info("dequantized %d bitsandbytes layers", n)
-        for attr in ("quantization_config", "_pre_quantization_dtype"):
-            if hasattr(base.config, attr):
-                delattr(base.config, attr)
-        for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
-            if getattr(base, attr, False):
-                setattr(base, attr, False)
-        base.hf_quantizer = None
+        forget_quantization(base)
     if dtype is not None:
         base = base.to(dtype)
     return base
+
+
+def forget_quantization(model) -> None:
+    """Clear what marks a model as bitsandbytes-quantized once its layers are dense: the config entry (a saved
+    checkpoint would ask for bitsandbytes) and `quantization_method`, which makes transformers refuse `.to(dtype)`."""
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, attr, False):
+            setattr(model, attr, False)
+    if "quantization_method" in model.__dict__:
+        del model.quantization_method
+    model.hf_quantizer = None
 
 
 def save_merged(peft_model, processor, out_dir: Path, dtype: torch.dtype | None = None) -> Path:

@@ -1,7 +1,6 @@
 """One run, top to bottom: plan -> load -> LoRA -> data -> train -> evaluate -> save -> summary."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
@@ -14,8 +13,10 @@ from harness import modeling
 from harness.collator import ChatCollator
 from harness.config import RunConfig
 from harness.data import build_datasets
+from harness.errors import RunDiverged, StageFailed, UserError
 from harness.lora import apply_lora, setup_full_finetuning
 from harness.registry import get_architecture
+from harness.run_files import write_json
 from harness.targets import TargetPlan, resolve_targets
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,6 @@ def accelerate(run: RunConfig, model) -> dict:
 
 def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     from harness import wandb_logger
-    from harness.checkpointing import graphs_summary
-    from harness.evaluate import evaluate
     from harness.provenance import environment
     from harness.summary import format_summary
     from harness.train import train
@@ -107,10 +106,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     rss_start = host_rss_gib()  # in a sweep: what earlier jobs of this process left behind
     main = is_main_process()  # under torchrun only rank 0 writes, logs and evaluates
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(run_dir)  # before anything is built: a run must not fail after training for this
     seed_everything(run.seed)
     if main:
-        (run_dir / "env.json").write_text(json.dumps(environment(REPO), indent=1))
+        write_json(run_dir / "env.json", environment(REPO))
     train_samples, eval_samples = data = build_datasets(run.data, run.seed)
     device, dtype, processor, plan, model = build(run)
     if plan is not None and main:
@@ -135,41 +134,61 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.config.use_cache = False  # training mode: no KV cache, right padding
-    losses, tokens, train_s = train(run, model, processor, collator, train_samples, run_dir, device, dtype, wb)
+    known = dict(run=run, plan=plan, data=data, trainable=trainable, total=total, accelerated=accelerated,
+                 device=device, dtype=dtype, model=model, t0=t0, rss_start=rss_start, run_dir=run_dir)
+    try:
+        res = train(run, model, processor, collator, train_samples, run_dir, device, dtype, wb)
+    except RunDiverged as e:
+        if main:
+            finish_diverged(e, _train_metrics(res=e.result, **known), run, model, processor, plan, run_dir, wb)
+        raise
     if not main:
-        return {"status": "ok", "rank": int(os.environ.get("RANK", 0)), "losses": losses}
+        return {"status": "ok", "rank": int(os.environ.get("RANK", 0)), "losses": res.losses}
 
-    t_eval = time.perf_counter()
-    if accelerated.get("compiled_layers"):
-        from harness.kernels.compiled import uncompile_layers
-
-        uncompile_layers(model)  # generation: growing KV cache, one token at a time: eager is the better fit
-    result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device,
-                      dtype)
-    eval_s = time.perf_counter() - t_eval
-
+    metrics = _train_metrics(res=res, **known)
+    # each stage after training: a failure writes metrics.json (status failed, the stage) and raises StageFailed
+    stage = StageRunner(metrics, run_dir, wb)
+    metrics.update(stage("evaluate", _evaluate, run, model, collator, eval_samples, device, dtype, accelerated))
     saved = None
     if run.save.adapter:  # LoRA: the adapter; full fine-tuning: the whole model
-        saved = run_dir / ("adapter" if plan is not None else "model")
-        model.save_pretrained(saved, safe_serialization=True)
-        processor.save_pretrained(saved)
+        saved = stage("save_adapter", save_adapter, model, processor, plan, run_dir)
+    metrics["adapter_dir"] = str(saved) if saved else None
     if run.save.merged and plan is not None:
         from harness.export import save_merged
 
         merged_dtype = dtype if run.save.merged_dtype == "auto" else modeling.resolve_dtype(run.save.merged_dtype,
                                                                                              device)
-        save_merged(model, processor, run_dir / "merged", merged_dtype)
+        stage("merged_export", save_merged, model, processor, run_dir / "merged", merged_dtype)
     if run.logger.log_adapter and saved is not None:
-        wandb_logger.log_adapter(wb, saved, f"{run.model.name}-{run.lora.strategy}-{run_dir.name}")
+        stage("wandb_artifact", wandb_logger.log_adapter, wb, saved,
+              f"{run.model.name}-{run.lora.strategy}-{run_dir.name}")
     if run.save.push_to_hub and saved is not None:
-        push_to_hub(saved, run.save.push_to_hub)
+        stage("push_to_hub", push_to_hub, saved, run.save.push_to_hub)
     peak, peak_kind = peak_memory(device)
-    metrics = dict(
+    metrics.update(peak_memory_gib=peak, peak_memory_kind=peak_kind, wall_s=time.perf_counter() - t0)
+    from harness.report import plot_run
+
+    plot = stage("plot", plot_run, metrics, run_dir)
+    metrics["plot"] = str(plot) if plot else None
+    write_json(run_dir / "metrics.json", metrics)
+    wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
+    print(format_summary(metrics))
+    return metrics
+
+
+def _train_metrics(run: RunConfig, res, plan, data, trainable, total, accelerated, device, dtype, model, t0,
+                   rss_start, run_dir: Path) -> dict:
+    """What is known once training has ended (status ok; the stages after it add to it)."""
+    from harness.checkpointing import graphs_summary
+
+    losses, tokens, train_s = res.losses, res.tokens, res.train_s
+    peak, peak_kind = peak_memory(device)
+    return dict(
         model=run.model.name, strategy=run.lora.strategy if plan is not None else "full_finetuning",
         quant=run.quant.mode, seed=run.seed, steps=run.train.max_steps, losses=losses,
         loss_first=losses[0][1] if losses else None, loss_last=losses[-1][1] if losses else None,
-        eval_exact_match=result["exact_match"], n_eval=result["n_eval"], eval_examples=result["examples"],
-        eval_cer=result["cer"], data_skipped=data.stats["skipped"], data_skip_reasons=data.stats["reasons"],
+        skipped_steps=res.skipped_steps,
+        data_skipped=data.stats["skipped"], data_skip_reasons=data.stats["reasons"],
         trainable_params=trainable, total_params=total,
         trainable_by_component=plan.per_component() if plan is not None else None,
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,
@@ -178,18 +197,84 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         **_resolved(run, device),
 
         cuda_graphs=graphs_summary(model),
-        train_s=train_s, eval_s=eval_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
+        train_s=train_s, wall_s=time.perf_counter() - t0, run_dir=str(run_dir),
         host_rss_start_gib=rss_start, device=str(device), dtype=str(dtype).replace("torch.", ""),
         world_size=int(os.environ.get("WORLD_SIZE", 1)), status="ok",
     )
-    from harness.report import plot_run
 
-    plot = plot_run(metrics, run_dir)
-    metrics["plot"] = str(plot) if plot else None
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
-    print(format_summary(metrics))
-    return metrics
+
+def _evaluate(run: RunConfig, model, collator, eval_samples, device, dtype, accelerated) -> dict:
+    """Exact match / CER by generation on the held-out split."""
+    from harness.evaluate import evaluate
+
+    t_eval = time.perf_counter()
+    if accelerated.get("compiled_layers"):
+        from harness.kernels.compiled import uncompile_layers
+
+        uncompile_layers(model)  # generation: growing KV cache, one token at a time: eager is the better fit
+    result = evaluate(model, collator, eval_samples, run.train.eval_batch_size, run.train.max_new_tokens, device,
+                      dtype)
+    return dict(eval_exact_match=result["exact_match"], n_eval=result["n_eval"], eval_examples=result["examples"],
+                eval_cer=result["cer"], eval_s=time.perf_counter() - t_eval)
+
+
+def save_adapter(model, processor, plan, run_dir: Path) -> Path:
+    """LoRA: <run dir>/adapter; full fine-tuning: <run dir>/model (weights + processor)."""
+    saved = run_dir / ("adapter" if plan is not None else "model")
+    model.save_pretrained(saved, safe_serialization=True)
+    processor.save_pretrained(saved)
+    return saved
+
+
+class StageRunner:
+    """Runs the stages after training. A failing stage writes metrics.json with status failed, the stage, the
+    error and every metric known so far, closes W&B and raises StageFailed; what earlier stages wrote (the
+    adapter before a failing merged export) stays on disk."""
+
+    def __init__(self, metrics: dict, run_dir: Path, wb):
+        self.metrics, self.run_dir, self.wb = metrics, run_dir, wb
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            self.metrics.update(status="failed", failed_stage=name, error=f"{type(e).__name__}: {e}")
+            write_json(self.run_dir / "metrics.json", self.metrics)
+            _finish_wandb(self.wb, self.metrics)
+            raise StageFailed(name, e) from e
+
+
+def finish_diverged(e: RunDiverged, metrics: dict, run: RunConfig, model, processor, plan, run_dir: Path, wb):
+    """metrics.json with status diverged; the adapter only from the restored last finite checkpoint."""
+    saved = None
+    if run.save.adapter and e.restored_from is not None:
+        saved = save_adapter(model, processor, plan, run_dir)
+    metrics.update(status="diverged", diverged_at_step=e.step, error=str(e), adapter_dir=str(saved) if saved else None,
+                   restored_from=str(e.restored_from) if e.restored_from is not None else None)
+    write_json(run_dir / "metrics.json", metrics)
+    _finish_wandb(wb, metrics)
+
+
+def _finish_wandb(wb, metrics: dict) -> None:
+    """Close the W&B run of a run that did not end ok; a W&B error here must not hide the run's own error."""
+    from harness import wandb_logger
+
+    try:
+        wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items() if k != "eval_examples"})
+    except Exception as e:  # noqa: BLE001 - best effort, the run already failed
+        log.warning("closing the W&B run failed: %s", e)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail before any model is built if the run directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run directory {run_dir} is not writable ({type(e).__name__}: {e.strerror or e}); fix: "
+                        "set hydra.run.dir (hydra.sweep.dir for --multirun) to a writable folder") from e
 
 
 def _resolved(run: RunConfig, device: torch.device) -> dict:

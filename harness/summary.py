@@ -15,6 +15,8 @@ def format_summary(m: dict) -> str:
         ("eval exact match", f"{fmt(m.get('eval_exact_match'), '.1%')} on {m.get('n_eval', 0)} held-out samples"),
         ("eval CER", f"{fmt(m.get('eval_cer'), '.3f')} (character edits / reference characters)"),
         ("bad samples skipped", fmt(m.get("data_skipped"))),
+        *([("optimizer steps skipped", f"{m['skipped_steps']} (non-finite gradients, train.on_nonfinite=skip_step)")]
+          if m.get("skipped_steps") else []),
         ("trainable params", f"{m['trainable_params']:,} of {m['total_params']:,} "
                              f"({100 * m['trainable_params'] / max(m['total_params'], 1):.2f}%)"),
         ("tokens/s (train)", fmt(m.get("tokens_per_s"), ",.0f")),

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import TrainerCallback
@@ -13,6 +14,7 @@ from transformers import TrainerCallback
 from harness.checkpointing import enable_checkpointing
 from harness.layer_graphs import graphs_wanted
 from harness.config import RunConfig
+from harness.errors import RunDiverged
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,90 @@ class MetricsCallback(TrainerCallback):
         if self.wandb_run is not None:
             self.wandb_run.log({f"train/{k}": v for k, v in (logs or {}).items() if isinstance(v, (int, float))},
                                step=state.global_step)
+
+
+MAX_SKIPPED_IN_A_ROW = 5  # train.on_nonfinite=skip_step: this many skipped optimizer steps in a row = diverged
+
+
+class NonFiniteGuard(TrainerCallback):
+    """train.on_nonfinite: what a non-finite loss or gradient norm does to the run.
+
+    Where it is detected: in ``on_log``, from the loss and grad norm the Trainer has already read on the host at
+    each logging step, so the granularity is ``train.logging_steps`` and no host sync is added per step. Before a
+    checkpoint is written (``on_step_end`` at save steps only) the trainable weights are checked for NaN / inf (one
+    device read per save): a non-finite checkpoint is never written, so the save_total_limit rotation cannot delete
+    the last finite one. Either finding stops the run and sets ``diverged_at``.
+
+    stop: the run stops at that logging (or save) step; ``train`` then restores the last finite checkpoint.
+    skip_step: before every optimizer step the gradients are zeroed on the device when their norm is not finite
+    (no host sync; with Adam the step still applies the decayed momentum, the gradient itself is dropped). Skipped
+    steps are counted on the device and read at logging steps; MAX_SKIPPED_IN_A_ROW in a row stop the run as
+    diverged. The logged loss of a window holding a skipped step is NaN (and not a reason to stop); the Trainer's
+    running loss sum is cleared of it after that log, else every later logged loss would stay NaN.
+    """
+
+    def __init__(self, mode: str):
+        self.mode = mode
+        self.diverged_at: int | None = None
+        self.reason = ""
+        self.params: list[torch.Tensor] = []
+        self.skipped = self.in_a_row = self.max_in_a_row = None  # device counters (skip_step)
+        self.skipped_total = 0
+        self.trainer = None  # set by train(): skip_step clears the NaN out of its running loss sum
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        if self.mode != "skip_step":
+            return
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        ok = torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum())
+        for g in grads:  # NaN * 0 is NaN: clear non-finite entries first, then zero all of them unless ok
+            g.nan_to_num_(0.0, 0.0, 0.0).mul_(ok)
+        bad = (~ok).long()
+        if self.skipped is None:
+            self.skipped, self.in_a_row, self.max_in_a_row = (torch.zeros((), dtype=torch.long, device=ok.device)
+                                                              for _ in range(3))
+        self.skipped += bad
+        self.in_a_row.add_(1).mul_(bad)
+        torch.maximum(self.max_in_a_row, self.in_a_row, out=self.max_in_a_row)
+
+    def on_step_end(self, args, state, control, **kw):
+        if control.should_save and not weights_finite(self.params):
+            control.should_save = False  # never a NaN checkpoint: the rotation would delete the last good one
+            self._stop(state, control, "non-finite weights before a checkpoint")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if self.mode == "skip_step":
+            loss_sum = getattr(self.trainer, "_tr_loss", None)  # reset after each log by `-= itself`: NaN stays
+            if torch.is_tensor(loss_sum):
+                loss_sum.nan_to_num_(0.0, 0.0, 0.0)
+            if self.skipped is not None:
+                self.skipped_total, worst = int(self.skipped), int(self.max_in_a_row)
+                self.max_in_a_row.copy_(self.in_a_row)
+                if worst >= MAX_SKIPPED_IN_A_ROW:
+                    self._stop(state, control, f"{worst} optimizer steps in a row skipped (non-finite gradients)")
+            return
+        bad = {k: logs[k] for k in ("loss", "grad_norm") if isinstance(logs.get(k), float)
+               and not math.isfinite(logs[k])}
+        if bad:
+            self._stop(state, control, "non-finite " + ", ".join(f"{k}={v}" for k, v in bad.items()))
+
+    def _stop(self, state, control, reason: str) -> None:
+        if self.diverged_at is None:
+            self.diverged_at, self.reason = state.global_step, reason
+            log.error("training diverged at step %d: %s", state.global_step, reason)
+        control.should_training_stop = True
+        control.should_save = False
+
+
+def weights_finite(params) -> bool:
+    """Whether every tensor in `params` is free of NaN / inf (one host read)."""
+    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
 
 def trainer_class():
@@ -223,10 +309,21 @@ def newest_checkpoint(folder: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype, wandb_run=None):
-    """Train; return (losses [(step, loss)], tokens seen, train seconds)."""
+class TrainResult(NamedTuple):
+    losses: list  # [(step, loss)], the whole history (also before a resume)
+    tokens: int  # tokens seen in this process
+    train_s: float
+    skipped_steps: int  # optimizer steps skipped by train.on_nonfinite=skip_step
+
+
+def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype,
+          wandb_run=None) -> TrainResult:
+    """Train; return a TrainResult. On divergence (see NonFiniteGuard) the model holds the weights of the last
+    finite checkpoint if there is one, and RunDiverged is raised carrying the result (`e.result`), the step
+    (`e.step`) and the checkpoint restored (`e.restored_from`, None: the weights in memory are not usable)."""
     args = sft_config(run, run_dir / "checkpoints", device, dtype)
     cb = MetricsCallback(wandb_run)
+    guard = NonFiniteGuard(run.train.on_nonfinite)
     k = run.kernels
     graphs = graphs_wanted(k.enabled != "false", k.cuda_graphs != "false", k.compile_mode)
     checkpointing = enable_checkpointing(model, run.train.gradient_checkpointing, device, graphs=graphs)
@@ -234,7 +331,8 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     trainer = trainer_class()(model=model, args=args, train_dataset=index_dataset(len(train_samples)),
                               data_collator=IndexedCollator(collator, train_samples), processing_class=processor,
-                              callbacks=[cb])
+                              callbacks=[cb, guard])
+    guard.trainer = trainer
     # TRL casts every trainable parameter of a quantized model to bf16; keep ours as set up
     # (LoRA as PEFT made it, modules_to_save in fp32).
     for n, p in model.named_parameters():
@@ -249,4 +347,26 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h and "step" in h]
     if any(not math.isfinite(l) for _, l in losses):
         log.warning("non-finite loss during training: %s", [l for _, l in losses if not math.isfinite(l)][:3])
-    return losses, collator.tokens_seen - tokens_before, cb.train_seconds
+    result = TrainResult(losses, collator.tokens_seen - tokens_before, cb.train_seconds, guard.skipped_total)
+    if guard.diverged_at is not None:
+        raise diverged(run, guard, result, restore_last_finite(trainer, guard.params, run_dir / "checkpoints"))
+    return result
+
+
+def restore_last_finite(trainer, params, folder: Path) -> Path | None:
+    """Load the newest checkpoint into the model if its weights are finite; the checkpoint, or None."""
+    ckpt = newest_checkpoint(folder)
+    if ckpt is None:
+        return None
+    trainer._load_from_checkpoint(str(ckpt))
+    return ckpt if weights_finite(params) else None
+
+
+def diverged(run: RunConfig, guard: NonFiniteGuard, result: TrainResult, restored: Path | None) -> RunDiverged:
+    kept = (f"the weights of {restored.name} are restored" if restored is not None
+            else "no finite checkpoint to restore (set train.save_steps to keep one), no adapter is saved")
+    e = RunDiverged(f"training diverged at step {guard.diverged_at}: {guard.reason} "
+                    f"(train.on_nonfinite={run.train.on_nonfinite}); {kept}. Fix: lower train.learning_rate "
+                    f"(now {run.train.learning_rate:g}), add train.warmup_steps, or keep train.max_grad_norm > 0")
+    e.step, e.restored_from, e.result = guard.diverged_at, restored, result
+    return e

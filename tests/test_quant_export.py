@@ -27,7 +27,7 @@ def test_quantized_training_on_cpu(compose, tmp_path, quant, layer):
     targets = [m for n, m in model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A]
     assert targets and all(type(m.base_layer).__name__ == layer for m in targets)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
-    losses, tokens, _ = train(run, model, processor, ChatCollator(processor), samples, tmp_path, device, dtype)
+    losses = train(run, model, processor, ChatCollator(processor), samples, tmp_path, device, dtype).losses
     assert losses and all(l == l and abs(l) < 1e3 for _, l in losses)
     after = dict(model.named_parameters())
     assert all(not torch.equal(before[n], after[n]) for n in before)
@@ -45,7 +45,7 @@ def test_merged_16bit_checkpoint_matches_adapter_model(compose, tmp_path):
     train(run, model, processor, ChatCollator(processor), samples, tmp_path, device, dtype)
     batch = ChatCollator(processor)(samples[:3])
     want = _logits(model, batch)
-    save_merged(model, processor, tmp_path / "merged")
+    save_merged(model, processor, tmp_path / "merged", dtype)  # as a run passes it
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert not any("lora" in n for n, _ in loaded.named_parameters())
     got = _logits(loaded, batch)
@@ -59,13 +59,33 @@ def test_merged_from_4bit_equals_dequantized_base_plus_lora(compose, tmp_path, n
     train(run, model, processor, ChatCollator(processor), samples, tmp_path, device, dtype)
     batch = ChatCollator(processor)(samples[:3])
     want = _logits(model, batch)  # nf4 base (dequantized on the fly) + LoRA
-    save_merged(model, processor, tmp_path / "merged")
+    save_merged(model, processor, tmp_path / "merged", dtype)  # as a run passes it
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in cfg
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert not any(type(m).__name__ == "Linear4bit" for m in loaded.modules())
     got = _logits(loaded, batch)
     assert (got - want).abs().max() <= 1e-3 * max(1.0, want.abs().max())
+
+
+@pytest.mark.parametrize("quant, merged_dtype", [("4bit", "auto"), ("8bit", "bfloat16")])
+def test_run_with_merged_export_from_a_quantized_base(compose, fast, tmp_path, quant, merged_dtype):
+    """The whole pipeline, so save_merged gets the dtype the way a run passes it (once a crash after training)."""
+    from transformers import AutoModelForImageTextToText
+
+    from harness.pipeline import train_run
+
+    _, run = compose([*fast, "logger=none", "train.max_steps=2", f"quant={quant}", "save.merged=true",
+                      f"save.merged_dtype={merged_dtype}"])
+    m = train_run(run, {}, tmp_path / "run")
+    merged = tmp_path / "run" / "merged"
+    assert m["status"] == "ok" and json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    loaded = AutoModelForImageTextToText.from_pretrained(merged, dtype="auto")
+    want = torch.float32 if merged_dtype == "auto" else torch.bfloat16  # auto: the run's dtype, fp32 on CPU
+    assert {p.dtype for p in loaded.parameters()} == {want}
+    assert not any(type(x).__name__ in ("Linear4bit", "Linear8bitLt") for x in loaded.modules())
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
 
 
 @pytest.mark.slow
