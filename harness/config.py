@@ -42,12 +42,17 @@ class ConfigError(UserError, ValueError):
 class ModelConfig:
     name: str = MISSING
     arch: str = MISSING  # key of harness.registry.ARCHITECTURES
-    # Hub id or local checkpoint directory. None: build `config` with random weights (offline default).
+    # Hub id or local checkpoint directory (a path starting with / . ~ must exist). None: build `config` with random
+    # weights (offline default). A checkpoint is built, and its LoRA plan made, from its own config.json; the run is
+    # labelled by its folder / repo name when model.name is still the name of a preset made for another checkpoint.
     name_or_path: Optional[str] = None
-    # Build from `config` with random weights even when name_or_path is set (benchmarks, plan mode).
+    # Build from `config` with random weights even when name_or_path is set (benchmarks).
     random_init: bool = False
-    # Keyword arguments for the architecture's transformers config class (random-init models, plan mode).
-    config: dict = field(default_factory=dict)
+    # Keyword arguments for the architecture's transformers config class: the whole config of a random-init model.
+    # With a checkpoint (and random_init false) it is never applied: it may only repeat the checkpoint's config.json
+    # (the real-size presets carry such a copy, planned from when the hub is offline), and a value that differs is
+    # an error. Clear it with model.config=null (model.config={} merges into the preset's dict: it clears nothing).
+    config: Optional[dict] = field(default_factory=dict)
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     # Image size range for the processor, in pixels (height * width).
@@ -56,6 +61,32 @@ class ModelConfig:
     # Modules trained fully in addition to the strategy's modules_to_save (random-init tiny models
     # need their head trained: a frozen random lm_head is too weak for LoRA alone).
     modules_to_save: list = field(default_factory=list)
+
+    def checkpoint_dir(self) -> Optional[Path]:
+        """name_or_path as a local directory, or None for a hub id (or no checkpoint). A name that looks like a
+        path (starts with / . ~, or is no hub id `org/name`) must be an existing directory: ConfigError if not."""
+        import re
+
+        if self.name_or_path is None:
+            return None
+        path = Path(self.name_or_path).expanduser()
+        if path.is_dir():
+            return path
+        if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", self.name_or_path) and ".." not in path.parts:
+            return None  # a hub id
+        raise ConfigError(f"invalid config: model.name_or_path={self.name_or_path!r} does not exist (allowed: a "
+                          "checkpoint directory written by save_pretrained, or a hub id like Qwen/Qwen2-VL-2B-Instruct)")
+
+    def run_label(self) -> str:
+        """model.name, or the checkpoint's folder / repo name when model.name is a conf/model preset's and
+        name_or_path is not that preset's (e.g. model.name_or_path=DIR on the tiny default)."""
+        preset = CONF_DIR / "model" / f"{self.name}.yaml"
+        if self.name_or_path is None or not preset.exists():
+            return self.name
+        if OmegaConf.load(preset).get("name_or_path") == self.name_or_path:
+            return self.name
+        local = self.checkpoint_dir()
+        return local.resolve().name if local is not None else self.name_or_path.rsplit("/", 1)[-1]
 
 
 @dataclass
@@ -365,8 +396,13 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _positive("model.min_pixels", run.model.min_pixels, integer=True)
     if run.model.max_pixels < run.model.min_pixels:
         _fail("model.max_pixels", run.model.max_pixels, f"an integer >= model.min_pixels ({run.model.min_pixels})")
+    if run.model.config is None:  # model.config=null: empty (a checkpoint brings its own config)
+        run.model.config = {}
     if run.model.name_or_path is None and not run.model.config:
         _fail("model.name_or_path", None, "a hub id or local path, or a non-empty model.config for random init")
+    if run.model.name_or_path is not None and not run.model.random_init:
+        run.model.checkpoint_dir()  # a missing local path fails here, before any run folder or model
+        run.model.name = run.model.run_label()
 
     lo = run.lora
     _positive("lora.r", lo.r, integer=True)

@@ -1,8 +1,9 @@
 """Load the model and its processor: a hub id, a local checkpoint, or a random-init architecture.
 
-One code path for all three: `model.name_or_path` names a checkpoint (hub id or directory); with
-none (or `model.random_init=true`) the architecture's config class is built from `model.config`
-and the weights are random (offline default, tests, benchmarks).
+One code path for all three: `model.name_or_path` names a checkpoint (hub id or directory), and the model and
+its LoRA plan are built from that checkpoint's own config.json; with none (or `model.random_init=true`) the
+architecture's config class is built from `model.config` and the weights are random (offline default, tests,
+benchmarks).
 """
 from __future__ import annotations
 
@@ -95,19 +96,110 @@ def local_tokenizer(mc: ModelConfig):
     return tokenizer_of(load_processor_for(mc)) if mc.name_or_path is None and mc.config else None
 
 
-def build_meta_model(mc: ModelConfig):
-    """The model's module tree on the meta device: no memory, no weights (plan mode)."""
+def build_meta_model(mc: ModelConfig, notes: list | None = None):
+    """The module tree of the model a run trains, on the meta device: no memory, no weights (plan mode).
+    A line for the plan's warnings goes into `notes` when a hub checkpoint had to be planned from model.config."""
     arch = get_architecture(mc.arch)
-    cfg = build_config(mc, arch, local_tokenizer(mc))
+    cfg = build_config(mc, arch, local_tokenizer(mc)) if is_random_init(mc) else _planned_config(mc, arch, notes)
     with torch.device("meta"):
         return transformers_class(arch.model_class)._from_config(cfg)
+
+
+def _planned_config(mc: ModelConfig, arch: Architecture, notes: list | None):
+    """The checkpoint's config; for a hub id the hub cannot serve (offline, not cached), the preset's copy of it
+    in model.config, said in `notes` (a local checkpoint never falls back)."""
+    try:
+        return checkpoint_config(mc, arch)
+    except OSError as e:
+        if not mc.config:
+            raise ConfigError(f"invalid config: model.name_or_path={mc.name_or_path!r}: its config.json cannot be "
+                              f"read ({type(e).__name__}: {str(e).splitlines()[0]}); allowed: a hub id reachable "
+                              "now or in the HF cache, or a local checkpoint directory") from None
+        if notes is not None:
+            notes.append(f"planned from model.config: the config.json of {mc.name_or_path} is not reachable "
+                         "(hub offline, not in the HF cache); training loads the checkpoint's own")
+        return build_config(mc, arch)
+
+
+def checkpoint_config(mc: ModelConfig, arch: Architecture):
+    """The checkpoint's own config.json, checked against model.arch and against model.config (which may only
+    repeat it). A local directory is read offline; a hub id from the HF cache or the hub (OSError if neither)."""
+    from transformers import AutoConfig
+
+    local = mc.checkpoint_dir()
+    try:
+        cfg = AutoConfig.from_pretrained(str(local or mc.name_or_path), trust_remote_code=mc.trust_remote_code,
+                                         local_files_only=local is not None)
+    except OSError as e:
+        if local is None:
+            raise
+        raise ConfigError(f"invalid config: model.name_or_path={mc.name_or_path!r} has no readable config.json "
+                          f"({str(e).splitlines()[0]}); allowed: a directory written by save_pretrained") from None
+    _check_arch(mc, arch, cfg)
+    _check_repeats(mc, cfg)
+    return cfg
+
+
+def _check_arch(mc: ModelConfig, arch: Architecture, cfg) -> None:
+    """The checkpoint's model_type must be the one model.arch's config class builds."""
+    from harness.registry import ARCHITECTURES
+
+    want = transformers_class(arch.config_class).model_type
+    if cfg.model_type == want:
+        return
+    fits = [a.name for a in ARCHITECTURES.values() if transformers_class(a.config_class).model_type == cfg.model_type]
+    fix = (f"model.arch={fits[0]} (presets of that architecture: "
+           + (", ".join(f"model={p}" for p in presets_of(fits[0])) or "none") + ")") if fits else \
+        f"an architecture of harness/registry.py ({', '.join(sorted(ARCHITECTURES))})"
+    raise ConfigError(f"invalid config: model.name_or_path={mc.name_or_path!r} is a {cfg.model_type!r} checkpoint "
+                      f"but model.arch={mc.arch} builds {want!r} models; allowed: {fix}")
+
+
+def presets_of(arch_name: str) -> list[str]:
+    """conf/model presets (file stems) of one architecture."""
+    from omegaconf import OmegaConf
+
+    from harness.config import CONF_DIR
+
+    return [p.stem for p in sorted((CONF_DIR / "model").glob("*.yaml")) if OmegaConf.load(p).get("arch") == arch_name]
+
+
+def _check_repeats(mc: ModelConfig, cfg) -> None:
+    """model.config given with a checkpoint is never applied: each of its values must equal the checkpoint's."""
+    bad = _disagreements(_plain(mc.config) or {}, cfg, "")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ConfigError(
+            f"invalid config: model.config disagrees with the checkpoint model.name_or_path={mc.name_or_path!r}: "
+            f"{'; '.join(bad[:3])}{more}. A checkpoint is built from its own config.json (model.config, e.g. a "
+            "random-init preset's, is not applied to it); allowed: model.config=null, or model.random_init=true "
+            "to build model.config with random weights")
+
+
+def _disagreements(want: dict, cfg, prefix: str) -> list[str]:
+    """'key=wanted (checkpoint: value)' for each scalar or list in `want` that differs from the config `cfg`.
+    Sub-configs are compared key by key; plain dicts (rope_scaling: transformers normalises them) are skipped."""
+    out = []
+    for key, value in want.items():
+        have = getattr(cfg, key, None)
+        if isinstance(value, dict):
+            if hasattr(have, "to_dict"):
+                out += _disagreements(value, have, f"{prefix}{key}.")
+        elif have is not None and _listify(have) != _listify(value):
+            out.append(f"{prefix}{key}={value!r} (checkpoint: {have!r})")
+    return out
+
+
+def _listify(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def load_processor_for(mc: ModelConfig):
     arch = get_architecture(mc.arch)
     if mc.name_or_path is None:
         return build_local_processor(arch, mc.min_pixels, mc.max_pixels)
-    return load_processor(mc.name_or_path, arch, mc.min_pixels, mc.max_pixels, mc.trust_remote_code)
+    path = str(mc.checkpoint_dir() or mc.name_or_path)  # ~ expanded
+    return load_processor(path, arch, mc.min_pixels, mc.max_pixels, mc.trust_remote_code)
 
 
 def quantization_config(q: QuantConfig, compute_dtype: torch.dtype):
@@ -131,7 +223,6 @@ def load_model(mc: ModelConfig, q: QuantConfig, device: torch.device, processor=
     tok = tokenizer_of(processor) if processor is not None and is_random_init(mc) else None
 
     with contextlib.ExitStack() as stack:
-        path = mc.name_or_path
         if is_random_init(mc):
             cfg = build_config(mc, arch, tok)
             torch.manual_seed(seed)
@@ -148,6 +239,9 @@ def load_model(mc: ModelConfig, q: QuantConfig, device: torch.device, processor=
             path = stack.enter_context(tempfile.TemporaryDirectory(prefix="harness-randinit-"))
             model.save_pretrained(path)
             del model
+        else:  # the checked config: the plan's module tree is the loaded one
+            path = str(mc.checkpoint_dir() or mc.name_or_path)  # ~ expanded
+            common["config"] = checkpoint_config(mc, arch)
         kwargs = dict(dtype=dtype, trust_remote_code=mc.trust_remote_code, **common)
         qc = quantization_config(q, compute)
         if qc is not None:
@@ -167,11 +261,18 @@ def _finish(model, tok):
 
 
 def count_params(model) -> tuple[int, int]:
-    """(trainable, total), each parameter counted once (tied weights)."""
+    """(trainable, total), each parameter counted once (tied weights), as the plan counts them (TargetPlan.total_params:
+    base + LoRA + modules_to_save copies)."""
     seen = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    total = sum(_numel(p) for p in seen.values())
+    trainable = sum(_numel(p) for p in seen.values() if p.requires_grad)
     return trainable, total
+
+
+def _numel(p) -> int:
+    """Elements of the weight a parameter stands for: a bitsandbytes 4-bit weight stores two per byte."""
+    qs = getattr(p, "quant_state", None)
+    return int(torch.Size(qs.shape).numel()) if qs is not None and getattr(qs, "shape", None) is not None else p.numel()
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -34,10 +34,14 @@ def seed_everything(seed: int) -> None:
 
 
 def make_plan(run: RunConfig, model=None) -> TargetPlan:
-    """Resolve LoRA targets on the meta device (or on `model` when given)."""
+    """Resolve LoRA targets on the meta device (or on `model` when given): the module tree of the checkpoint
+    being trained (its own config.json) when model.name_or_path names one, else of model.config."""
     arch = get_architecture(run.model.arch)
-    tree = model if model is not None else modeling.build_meta_model(run.model)
-    return resolve_targets(tree, arch, run.lora, run.model.name, run.model.modules_to_save)
+    notes: list[str] = []
+    tree = model if model is not None else modeling.build_meta_model(run.model, notes)
+    plan = resolve_targets(tree, arch, run.lora, run.model.name, run.model.modules_to_save)
+    plan.warnings += notes
+    return plan
 
 
 def host_rss_gib() -> float | None:

@@ -46,7 +46,7 @@ class TargetPlan:
     modules_to_save: list[str] = field(default_factory=list)  # exact module names trained fully
     modules_to_save_params: int = 0
     bias_params: int = 0
-    total_params: int = 0
+    base_params: int = 0  # the model before LoRA, each parameter once (tied weights)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -60,6 +60,18 @@ class TargetPlan:
     @property
     def trainable_params(self) -> int:
         return self.lora_params + self.modules_to_save_params + self.bias_params
+
+    @property
+    def total_params(self) -> int:
+        """What the trained model holds (the run summary's total): the base, plus the LoRA weights, plus PEFT's
+        trainable copy of each modules_to_save module (the frozen original stays in the model)."""
+        return self.base_params + self.lora_params + self.modules_to_save_params
+
+    def total_breakdown(self) -> str:
+        parts = [f"base {self.base_params:,}", f"LoRA {self.lora_params:,}"]
+        if self.modules_to_save_params:
+            parts.append(f"modules_to_save copy {self.modules_to_save_params:,}")
+        return f"total {self.total_params:,} = " + " + ".join(parts)
 
     def table(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(component, kind) -> (module count, LoRA params)."""
@@ -88,7 +100,8 @@ class TargetPlan:
         return dict(
             model=self.model, strategy=self.strategy, lora_params=self.lora_params,
             modules_to_save=self.modules_to_save, modules_to_save_params=self.modules_to_save_params,
-            bias_params=self.bias_params, trainable_params=self.trainable_params, total_params=self.total_params,
+            bias_params=self.bias_params, trainable_params=self.trainable_params, base_params=self.base_params,
+            total_params=self.total_params,
             table=table, targets=[asdict(t) for t in self.targets], warnings=self.warnings,
         )
 
@@ -112,7 +125,8 @@ class TargetPlan:
         if self.bias_params:
             out.append(f"trainable biases: {self.bias_params:,} params")
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        out.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} params ({pct:.3f}%)")
+        out.append(f"trainable: {self.trainable_params:,} of {self.total_params:,} params ({pct:.3f}%); "
+                   f"{self.total_breakdown()}")
         return "\n".join(out)
 
 
@@ -257,9 +271,9 @@ def resolve_targets(model: torch.nn.Module, arch: Architecture, lora: LoraConfig
     elif lora.bias == "lora_only":
         bias_params = sum(linears[t.name].bias.numel() for t in targets if linears[t.name].bias is not None)
 
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    base = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     for w in warnings:
         log.warning(w)
     return TargetPlan(model=model_name, strategy=lora.strategy, targets=targets, modules_to_save=mts,
-                      modules_to_save_params=mts_params, bias_params=bias_params, total_params=total,
+                      modules_to_save_params=mts_params, bias_params=bias_params, base_params=base,
                       warnings=warnings)

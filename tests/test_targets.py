@@ -110,3 +110,19 @@ def test_experiment_preset_composes(repo, tmp_path):
                         f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "lora_strategy: full,language_only,vision_only,attention_only" in p.stdout
+
+
+def test_plan_total_is_the_trained_models_and_says_why(compose):
+    """The plan's total is what the run summary reports (the model after LoRA), its parts spelled out."""
+    from harness import modeling
+    from harness.pipeline import build
+
+    _, run = compose(["logger=none"])
+    _, _, _, plan, model = build(run)
+    trainable, total = modeling.count_params(model)
+    assert (plan.trainable_params, plan.total_params) == (trainable, total)
+    assert total == plan.base_params + plan.lora_params + 128 * 300  # + the trainable copy of lm_head
+    assert plan.base_params == sum(p.numel() for n, p in model.named_parameters()
+                                   if "lora_" not in n and ".modules_to_save." not in n)
+    assert (f"trainable: {trainable:,} of {total:,} params" in plan.format() and f"total {total:,} = base "
+            f"{plan.base_params:,} + LoRA {plan.lora_params:,} + modules_to_save copy {128 * 300:,}" in plan.format())
