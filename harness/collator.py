@@ -62,24 +62,44 @@ class ChatCollator:
         images = [[to_rgb(im) for im in s.get("images") or []] for s in samples]
         return dict(self.processor(text=texts, images=images if any(images) else None, **kwargs))
 
+    def train_texts(self, samples: list[dict]) -> list[str]:
+        """Templated prompt + answer + end of turn: what a training batch encodes."""
+        return [self.prompt_text(s) + s["answer"] + self.tokenizer.eos_token for s in samples]
+
+    def answer_start(self, ids: torch.Tensor, n: int, answer: str) -> int:
+        """Where the answer's tokens (+ end of turn) start among a sample's n real tokens; ValueError when they
+        are not a suffix of it (the tokenizer merges across the prompt/answer boundary)."""
+        tokens = self.tokenizer(answer + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        start = n - len(tokens)
+        if ids[start:n].tolist() != tokens:
+            raise ValueError("the answer's tokens are not a suffix of the templated sample; the tokenizer "
+                             f"merges across the prompt/answer boundary for answer {answer!r}")
+        return start
+
+    def measure(self, samples: list[dict]) -> list[int]:
+        """Each sample's token count in a training batch (template, image tokens, answer, end of turn), with its
+        answer labelling checked; what the check before training (harness.data.lengths) runs. Raises what
+        encoding these samples raises."""
+        batch = self._encode(self.train_texts(samples), samples, "right")
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if self.train_on_responses_only:
+            for i, s in enumerate(samples):
+                self.answer_start(batch["input_ids"][i], lengths[i], s["answer"])
+        return lengths
+
     def __call__(self, samples: list[dict]) -> dict:
-        eos = self.tokenizer.eos_token
-        texts = [self.prompt_text(s) + s["answer"] + eos for s in samples]
-        batch = self._encode(texts, samples, "right")
+        batch = self._encode(self.train_texts(samples), samples, "right")
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if ids.shape[1] > self.max_length:
-            raise ValueError(f"a batch has {ids.shape[1]} tokens, more than data.max_length={self.max_length}; "
-                             "raise data.max_length or shrink the images (model.max_pixels)")
+        if ids.shape[1] > self.max_length:  # last resort: harness.data.lengths measures every sample before training
+            names = ", ".join(str(s.get("source", "?")) for s in samples)
+            raise ValueError(f"a batch has {ids.shape[1]} tokens, more than data.max_length={self.max_length} "
+                             f"(samples: {names}); raise data.max_length or shrink the images (model.max_pixels)")
         labels = torch.full_like(ids, IGNORE_INDEX)
         lengths = mask.sum(1).tolist()
         for i, s in enumerate(samples):
             n = lengths[i]
             if self.train_on_responses_only:
-                answer = self.tokenizer(s["answer"] + eos, add_special_tokens=False)["input_ids"]
-                start = n - len(answer)
-                if ids[i, start:n].tolist() != answer:
-                    raise ValueError("the answer's tokens are not a suffix of the templated sample; the tokenizer "
-                                     f"merges across the prompt/answer boundary for answer {s['answer']!r}")
+                start = self.answer_start(ids[i], n, s["answer"])
                 labels[i, start:n] = ids[i, start:n]
             else:
                 labels[i, :n] = ids[i, :n]

@@ -128,9 +128,9 @@ class QuantConfig:
 
 @dataclass
 class DataColumns:
-    """hf: which column holds what. "auto": image -> image|images, prompt -> prompt|question, answer -> answer,
-    messages -> messages (used when there is no answer column). prompt: null gives every sample data.prompt;
-    image: null means text-only."""
+    """hf: which column holds what. "auto": image -> image|images (else the one datasets.Image column),
+    prompt -> prompt|question, answer -> answer, messages -> messages (used when there is no answer column).
+    prompt: null gives every sample data.prompt; image: null means text-only."""
     image: Optional[str] = "auto"
     prompt: Optional[str] = "auto"
     answer: Optional[str] = "auto"
@@ -149,6 +149,10 @@ class DataConfig:
     max_length: int = 2048
     # Bad samples (missing / corrupt image file, malformed row): skip and count them, or raise.
     on_bad_sample: str = "skip"
+    # Samples over data.max_length tokens (measured with the run's processor before training): skip + count, or raise.
+    on_too_long: str = "skip"
+    # A vision-language model whose train samples carry no image at all is an error unless this is true.
+    allow_text_only: bool = False
     # synthetic_ocr: how many samples, string lengths, kinds of text, noise level.
     n_train: int = 2000
     n_eval: int = 100
@@ -438,6 +442,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
         if getattr(d, key) is not None:
             _positive(f"data.{key}", getattr(d, key), integer=True)
     _choice("data.on_bad_sample", d.on_bad_sample, DATA_ON_BAD)
+    _choice("data.on_too_long", d.on_too_long, DATA_ON_BAD)
     _positive("data.n_train", d.n_train, integer=True)
     _positive("data.n_eval", d.n_eval, integer=True)
     _positive("data.min_chars", d.min_chars, integer=True)

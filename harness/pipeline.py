@@ -124,6 +124,10 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
         log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
     accelerated = accelerate(run, model)
     collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+    # every sample measured before step 1 (data.on_too_long), images present for a VLM: harness/data/lengths.py
+    from harness.data.lengths import check_data
+
+    train_samples, eval_samples = data = check_data(data, collator, run.data)
     if accelerated.get("host_prep"):
         from harness import host_prep
 

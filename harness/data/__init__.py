@@ -48,6 +48,7 @@ def source_of(cfg: DataConfig) -> str:
 def build_datasets(cfg: DataConfig, seed: int) -> Splits:
     from harness.config import ConfigError
     from harness.data import digits, hf, jsonl, synthetic_ocr  # noqa: F401  (registers)
+    from harness.errors import DataError
 
     if cfg.name not in DATASETS:
         raise ConfigError(f"invalid config: data.name={cfg.name!r} (allowed: one of {', '.join(sorted(DATASETS))})")
@@ -61,7 +62,7 @@ def build_datasets(cfg: DataConfig, seed: int) -> Splits:
     splits = Splits(list(train), list(evals), stats)
     if not train:
         skipped = splits.stats["skipped"]
-        raise ValueError(f"{source_of(cfg)}: the training split is empty"
+        raise DataError(f"{source_of(cfg)}: the training split is empty"
                          + (f" after skipping {skipped} bad samples (first: {splits.stats['reasons'][0]})"
                             if skipped else ""))
     return splits

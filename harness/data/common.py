@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from harness.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -28,7 +30,7 @@ class BadSamples:
     def handle(self, where: str, err: Exception) -> None:
         reason = f"{where}: {err}"
         if self.mode == "error":
-            raise ValueError(f"{self.source}: bad sample at {reason} (set data.on_bad_sample=skip to skip such samples)") from err
+            raise DataError(f"{self.source}: bad sample at {reason} (set data.on_bad_sample=skip to skip such samples)") from err
         self.skipped += 1
         if len(self.reasons) < 20:  # keep metrics.json small
             self.reasons.append(reason)
@@ -79,6 +81,16 @@ def open_image(src, name: str = "") -> Image.Image:
         raise BadSample(f"unreadable image {name or src!r}: {type(e).__name__}: {e}") from e
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def looks_like_image(value) -> bool:
+    """A string (or a non-empty list of strings) ending in an image file suffix: an image path."""
+    if isinstance(value, (list, tuple)) and value:
+        return all(looks_like_image(v) for v in value)
+    return isinstance(value, str) and value.strip().lower().endswith(IMAGE_SUFFIXES)
+
+
 def resolve_inside(base: Path, rel: str, key: str) -> Path:
     """base / rel, refusing absolute paths and paths that leave base (../, symlinks)."""
     if not isinstance(rel, str) or not rel:
@@ -101,12 +113,63 @@ def seeded_split(samples: list, eval_fraction: float, seed: int) -> tuple[list, 
     return [samples[i] for i in idx[n_eval:]], [samples[i] for i in idx[:n_eval]]
 
 
-def _text_of(content) -> str:
+def as_text(value, key: str) -> str:
+    """A prompt / answer value as text: strings as they are, numbers and booleans via str(); a dict, list or
+    None is a malformed row (BadSample), never its Python repr."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float, bool)):
+        return str(value)
+    raise BadSample(f"{key}: expected a string, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text_of(content, key: str) -> str:
+    """A turn's content as text: a string, or the text items of a list of {"type": ..., "text": ...} dicts."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(c.get("text") or "" for c in content if isinstance(c, dict) and c.get("type", "text") == "text")
+    if not isinstance(content, (list, tuple)):
+        raise BadSample(f"{key}: content must be a string or a list of items, got {type(content).__name__} "
+                        f"{_short(content)}")
+    parts = []
+    for j, c in enumerate(content):
+        if not isinstance(c, dict):
+            raise BadSample(f"{key}[{j}]: a content item must be an object like {{\"type\": \"text\", \"text\": ...}}, "
+                            f"got {type(c).__name__} {_short(c)}")
+        if c.get("type", "text") != "text":
+            continue
+        text = c.get("text")
+        if text is not None and not isinstance(text, str):  # None: an absent text (datasets fills struct keys)
+            raise BadSample(f"{key}[{j}].text: expected a string, got {type(text).__name__} {_short(text)}")
+        parts.append(text or "")
+    return "".join(parts)
+
+
+def _check_turn(m, i: int) -> None:
+    if not isinstance(m, dict):
+        raise BadSample(f"messages[{i}]: a turn must be an object with role and content, got {type(m).__name__} "
+                        f"{_short(m)}")
+    if not isinstance(m.get("role"), str):
+        raise BadSample(f"messages[{i}].role: expected a string (user / assistant / system), got {_short(m.get('role'))}")
+
+
+def _inline_images(content) -> list:
+    """The image sources given inline in a user turn's content (items of type image: image / path / url)."""
+    if not isinstance(content, (list, tuple)):
+        return []
+    images = []
+    for c in content:
+        if isinstance(c, dict) and c.get("type") == "image":
+            src = next((c[k] for k in ("image", "path", "url") if c.get(k) is not None), None)
+            if src is not None:
+                images.append(src)
+    return images
 
 
 def parse_messages(messages) -> tuple[str, str, list]:
@@ -116,26 +179,25 @@ def parse_messages(messages) -> tuple[str, str, list]:
     "text": ...}]}, {"role": "assistant", "content": ...}, ...]. The last assistant turn is the answer;
     the text of the user turns before it (joined by newlines) is the prompt; system turns and earlier
     assistant turns are dropped (single-turn samples only). `images` lists the sources given inline
-    (content items of type image with an "image", "path" or "url" value), in order.
+    (content items of type image with an "image", "path" or "url" value), in order. A malformed turn
+    (not an object, a non-string role, content neither a string nor a list of items) is a BadSample
+    naming the turn index.
     """
     if not isinstance(messages, (list, tuple)) or not messages:
         raise BadSample(f"messages: expected a non-empty list of turns, got {type(messages).__name__}")
-    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-               default=None)
+    for i, m in enumerate(messages):
+        _check_turn(m, i)
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise BadSample("messages: no assistant turn (the answer)")
     prompts, images = [], []
-    for m in messages[:last]:
-        if not isinstance(m, dict) or m.get("role") != "user":
+    for i, m in enumerate(messages[:last]):
+        if m["role"] != "user":
             continue
-        prompts.append(_text_of(m.get("content")))
-        if isinstance(m.get("content"), list):
-            for c in m["content"]:
-                if isinstance(c, dict) and c.get("type") == "image":
-                    src = next((c[k] for k in ("image", "path", "url") if c.get(k) is not None), None)
-                    if src is not None:
-                        images.append(src)
-    prompt, answer = "\n".join(p for p in prompts if p).strip(), _text_of(messages[last].get("content")).strip()
+        prompts.append(_text_of(m.get("content"), f"messages[{i}].content"))
+        images += _inline_images(m.get("content"))
+    answer = _text_of(messages[last].get("content"), f"messages[{last}].content").strip()
+    prompt = "\n".join(p for p in prompts if p).strip()
     if not answer:
         raise BadSample("messages: the assistant turn is empty")
     return prompt, answer, images

@@ -38,5 +38,6 @@ def digits_vqa(cfg: DataConfig, seed: int):
     train_idx, eval_idx = train_test_split(idx, test_size=cfg.eval_fraction, random_state=seed,
                                            stratify=digits.target)
     make = lambda i: {"images": [digit_image(digits.images[i], cfg.image_size)], "prompt": cfg.prompt,
-                      "answer": str(int(digits.target[i])), "image_text": digit_text(digits.images[i])}
+                      "answer": str(int(digits.target[i])), "image_text": digit_text(digits.images[i]),
+                      "source": f"digits[{i}]"}  # the scan's index in sklearn's load_digits()
     return [make(i) for i in train_idx], [make(i) for i in eval_idx]

@@ -107,17 +107,18 @@ def render(text: str, rng: random.Random, base: int, noise: float) -> Image.Imag
     return img.convert("RGB")
 
 
-def make_samples(cfg: DataConfig, n: int, seed: int) -> list[dict]:
+def make_samples(cfg: DataConfig, n: int, seed: int, split: str = "train") -> list[dict]:
     rng = random.Random(seed)
     prompt = cfg.prompt if cfg.prompt and cfg.prompt != "What digit is this?" else "What text is in the image?"
     out = []
-    for _ in range(n):
+    for i in range(n):
         text = random_text(rng, list(cfg.text_kinds), cfg.min_chars, cfg.max_chars)
-        out.append({"images": [render(text, rng, cfg.image_size, cfg.noise)], "prompt": prompt, "answer": text})
+        out.append({"images": [render(text, rng, cfg.image_size, cfg.noise)], "prompt": prompt, "answer": text,
+                    "source": f"synthetic_ocr {split}[{i}] (seed {seed})"})
     return out
 
 
 @register("synthetic_ocr")
 def synthetic_ocr(cfg: DataConfig, seed: int):
     # distinct streams for train and eval; the same string may appear in both (short strings repeat)
-    return make_samples(cfg, cfg.n_train, seed * 2 + 1), make_samples(cfg, cfg.n_eval, seed * 2 + 2)
+    return make_samples(cfg, cfg.n_train, seed * 2 + 1), make_samples(cfg, cfg.n_eval, seed * 2 + 2, "eval")
