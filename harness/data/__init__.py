@@ -1,5 +1,7 @@
-"""Datasets as chat samples: each sample is {"images": [PIL.Image, ...], "prompt": str, "answer": str},
-optionally with "image_text": a text rendering of the images, which text-only models get instead.
+"""Datasets as chat samples: each sample is {"images": [PIL.Image, ...], "prompt": str, "answer": str,
+"source": str}, optionally with "image_text": a text rendering of the images, which text-only models get
+instead. "source" names the sample in errors and skip reasons ("file.jsonl:17", "train[42]", "digits[3]").
+harness.data.lengths checks the samples with the run's collator before training (lengths, images).
 
 A builder returns (train, eval) or (train, eval, stats); stats is {"skipped": n, "reasons": [...]}
 (samples dropped for bad data, see harness.data.common.BadSamples). `build_datasets` normalises both

@@ -30,7 +30,8 @@ class BadSamples:
     def handle(self, where: str, err: Exception) -> None:
         reason = f"{where}: {err}"
         if self.mode == "error":
-            raise DataError(f"{self.source}: bad sample at {reason} (set data.on_bad_sample=skip to skip such samples)") from err
+            raise DataError(f"{self.source}: bad sample at {reason} "
+                            "(set data.on_bad_sample=skip to skip such samples)") from err
         self.skipped += 1
         if len(self.reasons) < 20:  # keep metrics.json small
             self.reasons.append(reason)
@@ -156,7 +157,8 @@ def _check_turn(m, i: int) -> None:
         raise BadSample(f"messages[{i}]: a turn must be an object with role and content, got {type(m).__name__} "
                         f"{_short(m)}")
     if not isinstance(m.get("role"), str):
-        raise BadSample(f"messages[{i}].role: expected a string (user / assistant / system), got {_short(m.get('role'))}")
+        raise BadSample(f"messages[{i}].role: expected a string (user / assistant / system), "
+                        f"got {_short(m.get('role'))}")
 
 
 def _inline_images(content) -> list:

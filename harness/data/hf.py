@@ -5,8 +5,9 @@ the hub when online).
 data.columns maps the sample's fields to columns: image (a datasets.Image column, a list of them, a
 path relative to a local data.path, or bytes), prompt, answer; or messages (chat format, see
 harness.data.common.parse_messages) with the images from the image column. Defaults: image or images
-(else the one column whose feature is datasets.Image or a list of them), prompt or question, answer ("auto"); messages is used when set explicitly, or when there is no answer
-column and a messages column exists. columns.prompt: null gives every sample data.prompt. A column that does not exist is an error
+(else the one column whose feature is datasets.Image or a list of them), prompt or question, answer
+("auto"); messages is used when set explicitly, or when there is no answer column and a messages column
+exists. columns.prompt: null gives every sample data.prompt. A column that does not exist is an error
 listing the columns that do. Images are decoded here (not by datasets) so that a corrupt one is a bad
 sample (data.on_bad_sample). Eval: data.eval_split when set, else a seeded data.eval_fraction split.
 With no image column found, a column of image paths is an error (its images would be silently lost).
@@ -131,8 +132,8 @@ def check_no_path_column(ds, cfg: DataConfig, cols: dict) -> None:
     used = {c for c in cols.values() if c}
     for name in ds.column_names:
         if name not in used and looks_like_image(first[name]):
-            raise DataError(f"{source_of(cfg)}: column {name!r} holds image paths ({first[name]!r}) but no image column "
-                            f"is set; fix: data.columns.image={name}")
+            raise DataError(f"{source_of(cfg)}: column {name!r} holds image paths ({first[name]!r}) but no image "
+                            f"column is set; fix: data.columns.image={name}")
 
 
 def row_images(sources: list, base: Path | None, where: str) -> list:
