@@ -99,6 +99,9 @@ class LoraConfig:
     finetune_projector: bool = False
     # None (use the flags), a list of module names / leaf names, a regex string, or "all-linear".
     target_modules: Any = None
+    # true (Unsloth's behaviour): target_modules selects only inside the components and kinds the finetune_* flags
+    # select (all-linear leaves the projector out unless finetune_projector); false: target_modules alone decides
+    narrow_targets_by_flags: bool = True
     r: int = 16
     lora_alpha: int = 16
     lora_dropout: float = 0.0

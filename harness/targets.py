@@ -150,6 +150,32 @@ def _suggest(entry: str, names: list[str]) -> list[str]:
     return close or leaves[:8]
 
 
+def _by_flags(names: list[str], arch: Architecture, lora: LoraConfig) -> list[str]:
+    """The linears the finetune_* flags select: vision / language by kind (attention, mlp), the projector whole."""
+    comps = {c for c, on in (("vision", lora.finetune_vision_layers), ("language", lora.finetune_language_layers),
+                             ("projector", lora.finetune_projector)) if on}
+    kinds = {k for k, on in (("attention", lora.finetune_attention_modules), ("mlp", lora.finetune_mlp_modules))
+             if on}
+    return [n for n in names if (c := arch.component(n)) in comps and (c == "projector" or arch.kind(n) in kinds)]
+
+
+def _narrowed(selected: list[str], arch: Architecture, lora: LoraConfig, tm, model_name: str,
+              warnings: list[str]) -> list[str]:
+    """target_modules inside what the finetune_* flags select (lora.narrow_targets_by_flags, Unsloth's rule)."""
+    flagged = set(_by_flags(selected, arch, lora))
+    kept = [n for n in selected if n in flagged]
+    if not kept:
+        raise ConfigError(f"lora.target_modules={tm!r} selects zero modules of model {model_name} inside what the "
+                          f"finetune_* flags of lora_strategy={lora.strategy} select; change the flags, or set "
+                          "lora.narrow_targets_by_flags=false to let target_modules alone decide")
+    left = len(selected) - len(kept)
+    if left and tm != "all-linear":  # named explicitly: say what the flags removed
+        example = next(n for n in selected if n not in flagged)
+        warnings.append(f"lora.target_modules={tm!r}: {left} matching modules lie outside the finetune_* flags and "
+                        f"get no LoRA (e.g. {example}); lora.narrow_targets_by_flags=false keeps them")
+    return kept
+
+
 def resolve_targets(model: torch.nn.Module, arch: Architecture, lora: LoraConfig, model_name: str,
                     extra_modules_to_save: list[str] | tuple = ()) -> TargetPlan:
     """Compute the exact LoRA targets of `model` (may live on the meta device)."""
@@ -159,7 +185,7 @@ def resolve_targets(model: torch.nn.Module, arch: Architecture, lora: LoraConfig
     warnings: list[str] = []
 
     tm = lora.target_modules
-    if tm is not None:
+    if tm is not None and not lora.narrow_targets_by_flags:
         moot = [f"{k}={getattr(lora, k)}" for k in ("finetune_vision_layers", "finetune_language_layers",
                                                      "finetune_attention_modules", "finetune_mlp_modules")
                 if getattr(lora, k) is False]
@@ -167,6 +193,7 @@ def resolve_targets(model: torch.nn.Module, arch: Architecture, lora: LoraConfig
             moot.append("finetune_projector=True")
         if moot:
             warnings.append(f"lora.target_modules={tm!r} overrides the strategy flags; moot: {', '.join(moot)}")
+    if tm is not None:
         if tm == "all-linear":
             selected = list(candidates)
         elif isinstance(tm, str):
@@ -186,32 +213,17 @@ def resolve_targets(model: torch.nn.Module, arch: Architecture, lora: LoraConfig
                 hints = "; ".join(f"{e!r} (nearest: {', '.join(_suggest(e, candidates))})" for e in unmatched)
                 raise ConfigError(f"lora.target_modules entries match no linear module of {model_name}: {hints}")
             selected = [n for n in linears if any(_matches_name(e, n) for e in entries)]
+        if lora.narrow_targets_by_flags:
+            selected = _narrowed(selected, arch, lora, tm, model_name, warnings)
     else:
-        comps = set()
-        if lora.finetune_vision_layers:
-            comps.add("vision")
-        if lora.finetune_language_layers:
-            comps.add("language")
-        if lora.finetune_projector:
-            comps.add("projector")
-        kinds = set()
-        if lora.finetune_attention_modules:
-            kinds.add("attention")
-        if lora.finetune_mlp_modules:
-            kinds.add("mlp")
-        selected = []
-        for n in candidates:
-            c = arch.component(n)
-            # projector linears are all taken when the projector is selected; others by kind
-            if c in comps and (c == "projector" or arch.kind(n) in kinds):
-                selected.append(n)
+        selected = _by_flags(candidates, arch, lora)
         if not selected:
             why = []
             if lora.finetune_vision_layers and not arch.is_multimodal:
                 why.append(f"{model_name} ({arch.name}) is text-only: it has no vision tower")
-            if not comps:
+            if not (lora.finetune_vision_layers or lora.finetune_language_layers or lora.finetune_projector):
                 why.append("all of finetune_vision_layers / finetune_language_layers / finetune_projector are false")
-            if not kinds and not lora.finetune_projector:
+            if not (lora.finetune_attention_modules or lora.finetune_mlp_modules or lora.finetune_projector):
                 why.append("finetune_attention_modules and finetune_mlp_modules are both false")
             raise ConfigError(
                 f"lora_strategy={lora.strategy} selects zero modules of model {model_name}: "

@@ -1,5 +1,4 @@
 """LoRA target resolution on the meta device: overrides, layer subsets, per-component ranks, clear errors."""
-import logging
 
 import pytest
 
@@ -56,15 +55,32 @@ def test_per_component_rank_and_alpha(compose):
     assert len(rp) == len(plan.targets)
 
 
-def test_target_modules_list_regex_and_all_linear(compose, caplog):
-    with caplog.at_level(logging.WARNING):
-        plan = plan_for(compose, "lora_strategy=language_only", "lora.target_modules=[q_proj,v_proj]")
+def test_target_modules_list_regex_and_all_linear(compose):
+    plan = plan_for(compose, "lora_strategy=language_only", "lora.target_modules=[q_proj,v_proj]")
     assert set(plan.names) == {n for n in LANG_ATTN if n.endswith(("q_proj", "v_proj"))}
-    assert any("moot" in w and "finetune_vision_layers=False" in w for w in plan.warnings)
     plan = plan_for(compose, r"lora.target_modules='.*visual.*\.(qkv|fc1)'")
     assert set(plan.names) == {n for n in VISION_ATTN | VISION_MLP if n.endswith(("qkv", "fc1"))}
+    # Unsloth's rule (the default): all-linear is every linear of the components and kinds the flags select
     plan = plan_for(compose, "lora.target_modules=all-linear")
+    assert set(plan.names) == VISION_ATTN | VISION_MLP | LANG_ATTN | LANG_MLP  # no projector, no lm_head
+    plan = plan_for(compose, "lora.target_modules=all-linear", "lora.finetune_projector=true")
+    assert set(plan.names) == VISION_ATTN | VISION_MLP | LANG_ATTN | LANG_MLP | MERGER
+    plan = plan_for(compose, "lora_strategy=language_only", "lora.target_modules=all-linear")
+    assert set(plan.names) == LANG_ATTN | LANG_MLP
+
+
+def test_explicit_targets_are_narrowed_by_the_flags_unless_asked_not_to(compose):
+    plan = plan_for(compose, "lora_strategy=language_only", r"lora.target_modules='.*(qkv|q_proj)'")
+    assert set(plan.names) == {n for n in LANG_ATTN if n.endswith("q_proj")}
+    assert any("outside the finetune_* flags" in w and ".qkv" in w for w in plan.warnings)
+    plan = plan_for(compose, "lora_strategy=language_only", r"lora.target_modules='.*(qkv|q_proj)'",
+                    "lora.narrow_targets_by_flags=false")
+    assert set(plan.names) == {n for n in VISION_ATTN | LANG_ATTN if n.endswith(("qkv", "q_proj"))}
+    assert any("moot" in w and "finetune_vision_layers=False" in w for w in plan.warnings)
+    plan = plan_for(compose, "lora.target_modules=all-linear", "lora.narrow_targets_by_flags=false")
     assert set(plan.names) == VISION_ATTN | VISION_MLP | LANG_ATTN | LANG_MLP | MERGER  # not lm_head
+    with pytest.raises(ConfigError, match="inside what the finetune_\\* flags.*narrow_targets_by_flags=false"):
+        plan_for(compose, "lora_strategy=vision_only", "lora.target_modules=[q_proj]")
 
 
 def test_layers_to_transform(compose):
