@@ -242,6 +242,7 @@ def load_model(mc: ModelConfig, q: QuantConfig, device: torch.device, processor=
         else:  # the checked config: the plan's module tree is the loaded one
             path = str(mc.checkpoint_dir() or mc.name_or_path)  # ~ expanded
             common["config"] = checkpoint_config(mc, arch)
+            check_prequantized(mc, q, common["config"])
         kwargs = dict(dtype=dtype, trust_remote_code=mc.trust_remote_code, **common)
         qc = quantization_config(q, compute)
         if qc is not None:
@@ -251,6 +252,23 @@ def load_model(mc: ModelConfig, q: QuantConfig, device: torch.device, processor=
         if qc is None:
             model.to(device)
         return _finish(model, tok)
+
+
+def check_prequantized(mc: ModelConfig, q: QuantConfig, cfg) -> None:
+    """A checkpoint saved quantized (e.g. a *-bnb-4bit repo) loads quantized whatever quant.mode says: make the
+    run say so, so it is recorded and prepared (k-bit training) as what it is."""
+    qc = getattr(cfg, "quantization_config", None)
+    if qc is None:
+        return
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    mode = "4bit" if qc.get("load_in_4bit") else "8bit" if qc.get("load_in_8bit") else None
+    if mode is None:
+        raise ConfigError(f"invalid config: model.name_or_path={mc.name_or_path!r} is quantized with "
+                          f"{qc.get('quant_method', 'an unknown method')!r}; allowed: a 16/32-bit checkpoint or a "
+                          "bitsandbytes 4-bit / 8-bit one")
+    if q.mode != mode:
+        raise ConfigError(f"invalid config: quant.mode={q.mode} but model.name_or_path={mc.name_or_path!r} is saved "
+                          f"in bitsandbytes {mode}; allowed: quant={mode} (or a 16-bit checkpoint)")
 
 
 def _finish(model, tok):

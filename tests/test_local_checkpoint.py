@@ -102,3 +102,19 @@ def test_an_unreachable_hub_id_plans_from_the_presets_copy_and_says_so(compose):
     _, run = compose(["logger=none", "mode=plan", "model.name_or_path=nobody/not-cached", "model.config=null"])
     with pytest.raises(ConfigError, match=r"model\.name_or_path='nobody/not-cached': its config\.json cannot be read"):
         make_plan(run)
+
+
+@pytest.mark.parametrize("saved, quant, fix", [({"load_in_4bit": True}, "none", "quant=4bit"),
+                                               ({"load_in_8bit": True}, "4bit", "quant=8bit")])
+def test_a_prequantized_checkpoint_must_be_run_as_what_it_is(compose, ckpt, tmp_path, saved, quant, fix):
+    """A *-bnb-4bit checkpoint loads 4-bit whatever quant says: the run must say so before the weights load."""
+    import shutil
+
+    copy = tmp_path / "bnb"
+    shutil.copytree(ckpt, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", **saved}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    _, run = compose(["logger=none", f"model.name_or_path={copy}", "model.config=null", f"quant={quant}"])
+    with pytest.raises(ConfigError, match=f"quant.mode={quant} .* bitsandbytes .*allowed: {fix}"):
+        modeling.load_model(run.model, run.quant, torch.device("cpu"))
