@@ -476,3 +476,18 @@ def test_api_misuse_names_the_fix(vlm_ckpt, tmp_path):
         FastVisionModel.get_peft_model(model)
     with pytest.raises(ValueError, match=r"save_method='merged_4bit' is not supported \(allowed: merged_16bit, lora\)"):
         model.save_pretrained_merged(tmp_path / "m", processor, save_method="merged_4bit")
+
+
+def test_full_finetuning_and_single_device_maps(vlm_ckpt):
+    from harness import FastVisionModel, harness_plan, harness_run_config
+
+    for device_map in ("cpu", {"": "cpu"}, torch.device("cpu"), "auto", None):
+        model, _ = FastVisionModel.from_pretrained(vlm_ckpt, device_map=device_map, full_finetuning=True)
+        trainable, total = modeling.count_params(model)
+        assert trainable == total and harness_plan(model) is None
+        assert harness_run_config(model).train.full_finetuning and next(model.parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match=r"full_finetuning=True: every weight already trains"):
+        FastVisionModel.get_peft_model(model)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device_map=0 but no CUDA device is available"):
+            FastVisionModel.from_pretrained(vlm_ckpt, device_map=0)
