@@ -175,6 +175,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
+    num_train_epochs: Optional[float] = None  # set: passes over the train split decide the length, not max_steps
     learning_rate: float = 2e-4
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -463,6 +464,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
 
     t = run.train
     _positive("train.max_steps", t.max_steps, integer=True)
+    if t.num_train_epochs is not None:
+        _positive("train.num_train_epochs", t.num_train_epochs)
     _positive("train.learning_rate", t.learning_rate)
     _positive("train.per_device_train_batch_size", t.per_device_train_batch_size, integer=True)
     _positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps, integer=True)

@@ -193,7 +193,7 @@ def _train_metrics(run: RunConfig, res, plan, data, trainable, total, accelerate
     peak, peak_kind = peak_memory(device)
     return dict(
         model=run.model.name, strategy=run.lora.strategy if plan is not None else "full_finetuning",
-        quant=run.quant.mode, seed=run.seed, steps=run.train.max_steps, losses=losses,
+        quant=run.quant.mode, seed=run.seed, steps=res.steps or run.train.max_steps, losses=losses,
         loss_first=losses[0][1] if losses else None, loss_last=losses[-1][1] if losses else None,
         skipped_steps=res.skipped_steps,
         data_skipped=data.stats["skipped"], data_skip_reasons=data.stats["reasons"],

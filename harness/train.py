@@ -268,7 +268,8 @@ def sft_config(run: RunConfig, output_dir: Path, device: torch.device, dtype: to
     return SFTConfig(
         **no_trainer_checkpointing,
         output_dir=str(output_dir),
-        max_steps=t.max_steps,
+        max_steps=-1 if t.num_train_epochs else t.max_steps,  # -1: the Trainer counts steps from the epochs
+        num_train_epochs=t.num_train_epochs or 1.0,
         per_device_train_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
@@ -314,6 +315,7 @@ class TrainResult(NamedTuple):
     tokens: int  # tokens seen in this process
     train_s: float
     skipped_steps: int  # optimizer steps skipped by train.on_nonfinite=skip_step
+    steps: int = 0  # optimizer steps taken in all (train.max_steps, or what train.num_train_epochs made of it)
 
 
 def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Path, device, dtype,
@@ -347,7 +349,8 @@ def train(run: RunConfig, model, processor, collator, train_samples, run_dir: Pa
     losses = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h and "step" in h]
     if any(not math.isfinite(l) for _, l in losses):
         log.warning("non-finite loss during training: %s", [l for _, l in losses if not math.isfinite(l)][:3])
-    result = TrainResult(losses, collator.tokens_seen - tokens_before, cb.train_seconds, guard.skipped_total)
+    result = TrainResult(losses, collator.tokens_seen - tokens_before, cb.train_seconds, guard.skipped_total,
+                         trainer.state.global_step)
     if guard.diverged_at is not None:
         raise diverged(run, guard, result, restore_last_finite(trainer, guard.params, run_dir / "checkpoints"))
     return result

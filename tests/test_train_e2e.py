@@ -109,3 +109,19 @@ def test_local_checkpoint_path_loads_through_the_same_code(compose, tmp_path):
     samples, _ = build_datasets(run.data, run.seed)
     b1, b2 = ChatCollator(processor)(samples[:2]), ChatCollator(proc2)(samples[:2])
     assert all(torch.equal(b1[k], b2[k]) for k in b1)
+
+
+def test_num_train_epochs_sets_the_length(tmp_path):
+    """train.num_train_epochs replaces max_steps: 2 passes over 8 samples at batch 4 are 4 steps."""
+    import json
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "harness", "logger=none", "train.num_train_epochs=2",
+                        "train.per_device_train_batch_size=4", "data.max_train_samples=8", "data.max_eval_samples=2",
+                        "train.logging_steps=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["steps"] == 4 and [s for s, _ in m["losses"]] == [1, 2, 3, 4]
