@@ -2,7 +2,7 @@
 
 Each image is upscaled to data.image_size and asked "What digit is this?" -> "7". Samples also carry
 `image_text`, the 8x8 scan drawn in characters, which text-only models read instead of the image.
-The train/eval split is stratified and seeded.
+The train/eval split is stratified and seeded, data.n_train / data.n_eval scans (default 1617 / 180).
 """
 from __future__ import annotations
 
@@ -28,6 +28,19 @@ def digit_text(pixels: np.ndarray) -> str:
     return "\n".join("".join(SHADES[v] for v in row) for row in levels.clip(0, len(SHADES) - 1))
 
 
+def split_sizes(cfg: DataConfig, total: int) -> tuple[int, int]:
+    """(data.n_train, data.n_eval), checked against the `total` scans; data.eval_fraction does not apply here."""
+    from harness.errors import DataError
+
+    if cfg.eval_fraction != DataConfig.eval_fraction:
+        raise DataError(f"data.eval_fraction={cfg.eval_fraction} does not apply to data=digits_vqa, which is split "
+                        f"by size: set data.n_eval (and data.n_train) instead")
+    if cfg.n_train + cfg.n_eval > total:
+        raise DataError(f"data.n_train={cfg.n_train} + data.n_eval={cfg.n_eval} exceed the {total} digits of "
+                        f"data=digits_vqa; lower data.n_train to at most {max(total - cfg.n_eval, 1)}")
+    return cfg.n_train, cfg.n_eval
+
+
 @register("digits_vqa")
 def digits_vqa(cfg: DataConfig, seed: int):
     from sklearn.datasets import load_digits
@@ -35,8 +48,10 @@ def digits_vqa(cfg: DataConfig, seed: int):
 
     digits = load_digits()
     idx = np.arange(len(digits.target))
-    train_idx, eval_idx = train_test_split(idx, test_size=cfg.eval_fraction, random_state=seed,
-                                           stratify=digits.target)
+    n_train, n_eval = split_sizes(cfg, len(idx))
+    stratify = digits.target if min(n_train, n_eval) >= 10 else None  # stratifying needs each digit on both sides
+    train_idx, eval_idx = train_test_split(idx, test_size=n_eval, train_size=n_train, random_state=seed,
+                                           stratify=stratify)
     make = lambda i: {"images": [digit_image(digits.images[i], cfg.image_size)], "prompt": cfg.prompt,
                       "answer": str(int(digits.target[i])), "image_text": digit_text(digits.images[i]),
                       "source": f"digits[{i}]"}  # the scan's index in sklearn's load_digits()
