@@ -1,4 +1,5 @@
-"""Hydra callbacks: the sweep report at the end of every --multirun, and a non-zero exit if a job failed."""
+"""Hydra callbacks: the sweep report at the end of every --multirun, and a non-zero exit if a job failed
+(status failed, diverged or unknown in its metrics.json / status.json) or no report could be written."""
 from __future__ import annotations
 
 import sys
@@ -7,14 +8,20 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.errors import UserError
+
 
 class SweepReportCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from harness.report import print_report, write_report
 
-        result = write_report(Path(config.hydra.sweep.dir))
+        try:
+            result = write_report(Path(config.hydra.sweep.dir))
+        except UserError as e:  # e.g. no job left a folder: the sweep did not do what was asked
+            print(f"error: no sweep report: {e}", file=sys.stderr)
+            sys.exit(1)
         print_report(result)
         if result["failed"]:
             print(f"sweep finished with {len(result['failed'])} failed job(s): "
-                  + ", ".join(r["job"] for r in result["failed"]), file=sys.stderr)
+                  + ", ".join(f"{r['job']} ({r['status']})" for r in result["failed"]), file=sys.stderr)
             sys.exit(1)

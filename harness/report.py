@@ -13,38 +13,90 @@ from pathlib import Path
 
 import yaml
 
+from harness.errors import UserError
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "overrides", "status", "model", "strategy", "quant", "trainable_params", "trainable_vision",
            "trainable_projector", "trainable_language", "loss_first", "loss_last", "eval_exact_match",
-           "eval_cer", "data_skipped", "tokens_per_s", "peak_memory_gib", "wall_s", "error"]
+           "eval_cer", "data_skipped", "tokens_per_s", "peak_memory_gib", "wall_s", "error", "failed_stage"]
+
+SWEEP_LAYOUT = ("a sweep directory holds one folder per job (0/, 1/, ...), each with .hydra/overrides.yaml or "
+                "metrics.json, e.g. outputs/multirun/DATE/TIME")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    dirs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
-            if "mode=report" not in p.read_text()]  # a report run is not a job
+    """The job folders of a sweep: those with Hydra's overrides.yaml or a metrics.json (a report run is not a job)."""
+    with_overrides = {p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")
+                      if "mode=report" not in p.read_text()}
+    dirs = with_overrides | {p.parent for p in sweep_dir.glob("*/metrics.json")}
     return sorted(dirs, key=lambda d: (int(d.name.split("_")[0]) if d.name.split("_")[0].isdigit() else 1 << 30,
                                        d.name))
 
 
+def sweep_jobs(sweep_dir: Path) -> list[Path]:
+    """job_dirs, or a UserError naming the path when it is missing or not a sweep (checked before writing)."""
+    if not sweep_dir.is_dir():
+        raise UserError(f"path={str(sweep_dir)!r} does not exist or is not a directory; {SWEEP_LAYOUT}")
+    dirs = job_dirs(sweep_dir)
+    if not dirs:
+        what = ("a single run, not a sweep: pass the sweep folder above its jobs"
+                if (sweep_dir / "metrics.json").exists() or (sweep_dir / ".hydra").is_dir() else "not a sweep")
+        raise UserError(f"path={str(sweep_dir)!r} is {what}; {SWEEP_LAYOUT}")
+    return dirs
+
+
+def _read_json(path: Path) -> tuple[dict, str | None]:
+    """(content, None), or ({}, why) when the file is unreadable (half written by an older harness, hand-edited).
+    Bare NaN / Infinity from older runs parse to floats: they are judged below, not rejected here."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return {}, f"{path.name} unreadable: {e}"
+    return (obj, None) if isinstance(obj, dict) else ({}, f"{path.name} is not a JSON object")
+
+
+def _finite(v) -> bool:
+    """A number that can be ranked: not None, not a bool, not NaN / inf."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _nan_loss_from_before_divergence_checks(m: dict) -> bool:
+    """A bare NaN / inf last loss with status ok: written before runs detected divergence (today's runs write
+    null and status diverged). A null last loss with status ok (train.on_nonfinite=skip_step) is only unranked."""
+    v = m.get("loss_last")
+    return m.get("status") == "ok" and isinstance(v, float) and not math.isfinite(v)
+
+
 def read_job(d: Path) -> dict:
-    overrides = yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) or []
-    row: dict = {"job": d.name, "overrides": " ".join(overrides), "dir": str(d)}
+    overrides_file = d / ".hydra" / "overrides.yaml"
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.exists() else []
+    row: dict = {"job": d.name, "overrides": " ".join(map(str, overrides)), "dir": str(d)}
     metrics, status = d / "metrics.json", d / "status.json"
     if metrics.exists():
-        m = json.loads(metrics.read_text())
+        m, unreadable = _read_json(metrics)
         comp = m.get("trainable_by_component") or {}
-        row.update({k: m.get(k) for k in ("status", "model", "strategy", "quant", "trainable_params", "loss_first",
+        row.update({k: m.get(k) for k in ("model", "strategy", "quant", "trainable_params", "loss_first",
                                            "loss_last", "eval_exact_match", "eval_cer", "data_skipped", "tokens_per_s",
-                                           "peak_memory_gib", "wall_s")})
+                                           "peak_memory_gib", "wall_s", "error", "failed_stage")})
         row.update(trainable_vision=comp.get("vision"), trainable_projector=comp.get("projector"),
                    trainable_language=comp.get("language"), losses=m.get("losses") or [])
+        row["status"] = m.get("status") or f"unknown ({unreadable or 'metrics.json has no status'})"
+        if _nan_loss_from_before_divergence_checks(m):
+            row.update(status="diverged", error=f"last loss {m['loss_last']} in metrics.json")
     if status.exists():
-        s = json.loads(status.read_text())
+        s, unreadable = _read_json(status)
         if s.get("status") != "ok":
-            row.update(status=s.get("status", "failed"), error=s.get("error"))
+            row.update(status=s.get("status") or f"unknown ({unreadable or 'status.json has no status'})",
+                       error=s.get("error") or row.get("error"),
+                       failed_stage=s.get("failed_stage") or row.get("failed_stage"))
     row.setdefault("status", "unknown (no metrics.json: still running, or killed)")
     return row
+
+
+def rankable(row: dict) -> bool:
+    """Only a job that finished ok is compared with others (bold, plots); in each column only finite values."""
+    return row.get("status") == "ok"
 
 
 def _fmt(v) -> str:
@@ -75,7 +127,7 @@ MD_COLUMNS = {
 
 def _fmt_col(col: str, v) -> str:
     f = MD_COLUMNS[col][1]
-    if f is None or not isinstance(v, (int, float)) or isinstance(v, bool) or math.isnan(v):
+    if f is None or not _finite(v):
         return _fmt(v)
     return f(v)
 
@@ -83,9 +135,9 @@ def _fmt_col(col: str, v) -> str:
 def _best(rows: list[dict]) -> dict:
     """Per column with a direction: the finished job with the best value, when the jobs differ in it."""
     best = {}
-    ok = [r for r in rows if r.get("status") == "ok"]
+    ok = [r for r in rows if rankable(r)]
     for col, (_, _, sign) in MD_COLUMNS.items():
-        vals = [(r[col], r) for r in ok if isinstance(r.get(col), (int, float)) and not math.isnan(r[col])]
+        vals = [(r[col], r) for r in ok if _finite(r.get(col))]
         if sign and len(vals) > 1 and len({_fmt_col(col, v) for v, _ in vals}) > 1:
             best[col] = max(vals, key=lambda vr: sign * vr[0])[1]
     return best
@@ -94,7 +146,7 @@ def _best(rows: list[dict]) -> dict:
 def write_report(sweep_dir: str | Path) -> dict:
     """Write summary.csv, summary.md and PNG plots into sweep_dir; return {"rows", "failed", "files"}."""
     sweep_dir = Path(sweep_dir)
-    rows = [read_job(d) for d in job_dirs(sweep_dir)]
+    rows = [read_job(d) for d in sweep_jobs(sweep_dir)]  # raises before anything is written
     # label jobs by what differs between them (the swept keys), not by overrides they all share
     per_job = [r["overrides"].split() for r in rows]
     shared = set.intersection(*map(set, per_job)) if per_job else set()
@@ -123,15 +175,21 @@ def write_report(sweep_dir: str | Path) -> dict:
         lines += ["", "Bold: the best finished job per column (" + ", ".join(
             f"{MD_COLUMNS[c][0]} {'highest' if MD_COLUMNS[c][2] > 0 else 'lowest'}" for c in md_cols
             if c in best) + ")."]
-    errors = [r for r in rows if r.get("error")]
-    if errors:
-        lines += ["", "## Failed jobs", ""] + [f"- `{r['job']}`: {r['error']} (traceback: "
-                                              f"{Path(r['dir']) / 'traceback.txt'})" for r in errors]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "## Failed jobs", ""] + [_failed_line(r) for r in failed]
     (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
     files.append(sweep_dir / "summary.md")
     files += _plots(sweep_dir, rows)
-    failed = [r for r in rows if r["status"] != "ok"]
     return {"rows": rows, "failed": failed, "files": files, "markdown": "\n".join(lines)}
+
+
+def _failed_line(r: dict) -> str:
+    """One line of summary.md's failed jobs: status, the stage that failed, the error, where the traceback is."""
+    stage = f" in stage {r['failed_stage']}" if r.get("failed_stage") else ""
+    error = f": {r['error']}" if r.get("error") else ""
+    tb = Path(r["dir"]) / "traceback.txt"
+    return f"- `{r['job']}` ({r['label']}): {r['status']}{stage}{error}" + (f" (traceback: {tb})" if tb.exists() else "")
 
 
 def _plots(sweep_dir: Path, rows: list[dict]) -> list[Path]:
@@ -140,7 +198,7 @@ def _plots(sweep_dir: Path, rows: list[dict]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok"]
+    ok = [r for r in rows if rankable(r)]  # failed and diverged jobs are never ranked
     label = lambda r: r["label"]
     out = []
 
@@ -150,7 +208,7 @@ def _plots(sweep_dir: Path, rows: list[dict]) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in ok:
-        if r.get("trainable_params") and r.get("eval_exact_match") is not None:
+        if _finite(r.get("trainable_params")) and r["trainable_params"] > 0 and _finite(r.get("eval_exact_match")):
             ax.scatter(r["trainable_params"], r["eval_exact_match"])
             ax.annotate(label(r), (r["trainable_params"], r["eval_exact_match"]), fontsize=7)
     ax.set(xlabel="trainable parameters", ylabel="eval exact match", title="Eval metric vs trainable params",
@@ -176,6 +234,7 @@ def _loss_curves(ax, series: list[tuple[str, list]], title: str) -> None:
     for name, losses in series:
         if losses:
             steps, values = zip(*losses)
+            values = [v if _finite(v) else float("nan") for v in values]  # null (non-finite) leaves a gap
             ax.plot(steps, values, label=name, marker=".")
             drawn += 1
     ax.set(xlabel="step", ylabel="training loss", title=title)

@@ -167,3 +167,119 @@ def test_a_run_plot_never_fails_the_run(tmp_path, monkeypatch):
     assert report.plot_run(m, tmp_path) == tmp_path / "training.png"
     monkeypatch.setattr(report, "_loss_curves", lambda *a: 1 / 0)
     assert report.plot_run(m, tmp_path / "other") is None
+
+
+def _job(sweep, name, overrides=None, metrics=None, status=None, raw_metrics=None):
+    """A hand-written sweep job folder: .hydra/overrides.yaml, metrics.json (dict or raw text), status.json."""
+    d = sweep / name
+    d.mkdir(parents=True)
+    if overrides is not None:
+        (d / ".hydra").mkdir()
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+    if raw_metrics is not None:
+        (d / "metrics.json").write_text(raw_metrics)
+    if status is not None:
+        (d / "status.json").write_text(json.dumps(status))
+    return d
+
+
+def _ok(loss, em, tps, **more):
+    return dict(status="ok", losses=[[1, 3.0], [2, loss]], loss_last=loss, eval_exact_match=em, eval_cer=1 - em,
+                tokens_per_s=tps, peak_memory_gib=1.0, trainable_params=1000, **more)
+
+
+@pytest.fixture
+def mixed_sweep(tmp_path):
+    """Two finished jobs and four that must never be ranked, each better than both in some column."""
+    sweep = tmp_path / "sweep"
+    _job(sweep, "0", ["lora.r=4"], _ok(0.5, 0.8, 100.0))
+    _job(sweep, "1", ["lora.r=8"], _ok(0.6, 0.9, 90.0))
+    # diverged: training wrote null for the non-finite loss
+    _job(sweep, "2", ["lora.r=16"], dict(_ok(None, 0.99, 999.0), status="diverged", losses=[[1, 3.0], [2, None]],
+                                         error="non-finite loss=nan"))
+    # a late stage failed after a great loss
+    _job(sweep, "3", ["lora.r=32"], dict(_ok(0.01, 0.95, 500.0), status="failed", failed_stage="merged_export",
+                                         error="OSError: disk full"))
+    # metrics.json says ok, status.json (written by the CLI) says diverged
+    _job(sweep, "4", ["lora.r=64"], _ok(0.02, 0.97, 600.0), status=dict(status="diverged", error="RunDiverged: x"))
+    # an older run: bare NaN (json.loads accepts it), status ok
+    _job(sweep, "5", ["lora.r=128"], raw_metrics=json.dumps(_ok(0.4, 0.99, 700.0)).replace(
+        '"loss_last": 0.4', '"loss_last": NaN').replace("[2, 0.4]", "[2, NaN]"))
+    return sweep
+
+
+def test_report_never_ranks_failed_or_diverged_jobs(mixed_sweep, monkeypatch):
+    from harness import report
+
+    drawn = {}  # plot file name -> the labels it ranks
+
+    def save(fig, path):
+        axes = fig.axes
+        drawn[path.name] = ({t.get_text() for ax in axes for t in ax.get_yticklabels() if t.get_text()}
+                            | {t.get_text() for ax in axes for t in ax.texts}
+                            | {line.get_label() for ax in axes for line in ax.get_lines()})
+        return orig_save(fig, path)
+
+    orig_save = report._save
+    monkeypatch.setattr(report, "_save", save)
+    result = report.write_report(mixed_sweep)
+    assert sorted(r["job"] for r in result["failed"]) == ["2", "3", "4", "5"]
+    assert [r["status"] for r in result["rows"]] == ["ok", "ok", "diverged", "failed", "diverged", "diverged"]
+    md = result["markdown"]
+    table = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| lora.r=")}
+    for job in ("16", "32", "64", "128"):
+        assert "**" not in table[f"| lora.r={job}"], table[f"| lora.r={job}"]
+    assert "**0.5000**" in table["| lora.r=4"] and "**100**" in table["| lora.r=4"]
+    assert "**90.0%**" in table["| lora.r=8"]
+    failed = md.split("## Failed jobs", 1)[1]
+    assert "`2` (lora.r=16): diverged: non-finite loss=nan" in failed
+    assert "`3` (lora.r=32): failed in stage merged_export: OSError: disk full" in failed
+    assert "`4` (lora.r=64): diverged: RunDiverged: x" in failed
+    assert "`5` (lora.r=128): diverged: last loss nan in metrics.json" in failed
+    assert "6 jobs, 2 ok, 4 not ok" in md
+    for name in ("loss_curves.png", "metric_vs_params.png", "throughput_memory.png"):
+        labels = {x for x in drawn[name] if x.startswith("lora.r=")}
+        assert labels == {"lora.r=4", "lora.r=8"}, (name, drawn[name])
+    rows = list(csv.DictReader(open(mixed_sweep / "summary.csv")))
+    assert rows[3]["failed_stage"] == "merged_export" and rows[2]["loss_last"] == ""
+
+
+def test_sweep_callback_exits_1_on_a_diverged_job(mixed_sweep, capsys):
+    from omegaconf import OmegaConf
+
+    from harness.callbacks import SweepReportCallback
+
+    with pytest.raises(SystemExit) as e:
+        SweepReportCallback().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(mixed_sweep)}}}))
+    assert e.value.code == 1
+    assert "sweep finished with 4 failed job(s): 2 (diverged), 3 (failed), 4 (diverged), 5 (diverged)" in \
+        capsys.readouterr().err
+
+
+def test_report_counts_jobs_with_only_metrics_json(tmp_path):
+    from harness.report import write_report
+
+    _job(tmp_path, "0", metrics=_ok(0.5, 0.8, 100.0))
+    _job(tmp_path, "1", metrics=_ok(0.4, 0.9, 100.0))
+    result = write_report(tmp_path)
+    assert [r["job"] for r in result["rows"]] == ["0", "1"] and not result["failed"]
+
+
+def test_report_refuses_a_run_dir_and_a_missing_path_writing_nothing(tmp_path):
+    from harness.errors import UserError
+    from harness.report import write_report
+
+    run = tmp_path / "run"  # a single training run: its own .hydra/, metrics.json, adapter/
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text("- lora.r=8\n")
+    (run / "metrics.json").write_text(json.dumps(_ok(0.5, 0.8, 100.0)))
+    (run / "adapter").mkdir()
+    before = sorted(run.rglob("*"))
+    with pytest.raises(UserError, match=r"path='.*/run' is a single run, not a sweep.*one folder per job"):
+        write_report(run)
+    assert sorted(run.rglob("*")) == before
+    with pytest.raises(UserError, match=r"path='.*/nowhere' does not exist"):
+        write_report(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
