@@ -11,7 +11,8 @@ from pathlib import Path
 
 from harness import modeling
 from harness.collator import ChatCollator
-from harness.config import ConfigError, RunConfig, load_saved_run, validate
+from harness.config import RunConfig, load_saved_run, validate
+from harness.errors import UserError
 
 
 def load_run(path: str | Path, device: str = "auto"):
@@ -47,19 +48,42 @@ def eval_run(path: str | Path, out_dir: Path, device: str = "auto") -> dict:
 
 
 def infer(path: str | Path, images: list[str], prompt: str | None, device: str = "auto") -> list[str]:
-    from PIL import Image
-
+    """Answer `prompt` (default: the run's data.prompt) about each image, one line per image in the given order.
+    An image that cannot be read or processed gets an error line and the others are still answered (batched);
+    then UserError (exit 2) names the failed ones."""
     from harness.evaluate import generate_answers
 
     run, dev, dtype, processor, model = load_run(path, device)
+    collator = ChatCollator(processor)
     question = prompt or run.data.prompt
-    samples = []
+    samples, errors = {}, {}
     for f in images:
-        if not Path(f).is_file():
-            raise ConfigError(f"invalid config: images contains {f!r}, which is not a file")
-        samples.append({"images": [Image.open(f).convert("RGB")], "prompt": question, "answer": ""})
-    answers = generate_answers(model, ChatCollator(processor), samples, run.train.eval_batch_size,
-                               run.train.max_new_tokens, dev, desc="infer", dtype=dtype)
-    for f, a in zip(images, answers):
-        print(f"{f}: {a.strip()}")
-    return answers
+        sample, error = _image_sample(f, question, collator)
+        if error:
+            errors[f] = error
+        else:
+            samples[f] = sample
+    answers = dict(zip(samples, generate_answers(model, collator, list(samples.values()), run.train.eval_batch_size,
+                                                 run.train.max_new_tokens, dev, desc="infer", dtype=dtype)))
+    for f in images:
+        print(f"{f}: {answers[f].strip()}" if f in answers else f"{f}: error: {errors[f]}")
+    if errors:
+        raise UserError(f"{len(errors)} of {len(images)} images could not be answered: "
+                        + "; ".join(f"{f} ({e})" for f, e in errors.items()) + ". Fix: pass readable image files")
+    return [answers[f] for f in images]
+
+
+def _image_sample(f: str, question: str, collator: ChatCollator) -> tuple[dict | None, str | None]:
+    """(sample, None), or (None, why) for an image that is missing, unreadable or that the processor rejects
+    (checked alone here, so one bad image never fails the batch it would have been generated in)."""
+    from PIL import Image
+
+    if not Path(f).is_file():
+        return None, "not a file"
+    try:
+        with Image.open(f) as im:
+            sample = {"images": [im.convert("RGB")], "prompt": question, "answer": ""}
+        collator.prompts([sample])
+    except Exception as e:  # noqa: BLE001 - PIL and processors raise many types for a bad image
+        return None, f"{type(e).__name__}: {e}"
+    return sample, None
