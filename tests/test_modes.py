@@ -171,3 +171,26 @@ def test_report_mode_on_a_training_run_exits_2_and_writes_nothing(tmp_path):
     assert len(errors) == 1 and f"path='{run}' is a single run, not a sweep" in errors[0]
     assert "Traceback" not in p.stderr
     assert sorted(run.rglob("*")) == before and not (tmp_path / "report_run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# digits_vqa split sizes: data.n_train / data.n_eval mean what they say (the default split is unchanged)
+
+
+def test_digits_split_sizes_follow_n_train_and_n_eval(compose):
+    from harness.data import build_datasets
+    from harness.errors import DataError
+
+    _, run = compose(["logger=none"])
+    train, evals = build_datasets(run.data, run.seed)
+    assert (len(train), len(evals)) == (1617, 180)  # the 10% stratified split of the 1,797 scans
+    _, run = compose(["logger=none", "data.n_eval=50", "data.n_train=300"])
+    train, evals = build_datasets(run.data, run.seed)
+    assert (len(train), len(evals)) == (300, 50)
+    assert not {s["source"] for s in train} & {s["source"] for s in evals}
+    _, run = compose(["logger=none", "data.n_eval=500"])
+    with pytest.raises(DataError, match=r"data.n_train=1617 \+ data.n_eval=500 exceed the 1797 digits.*at most 1297"):
+        build_datasets(run.data, run.seed)
+    _, run = compose(["logger=none", "data.eval_fraction=0.2"])
+    with pytest.raises(DataError, match=r"data.eval_fraction=0.2 does not apply to data=digits_vqa.*data.n_eval"):
+        build_datasets(run.data, run.seed)
