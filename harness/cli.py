@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import CONF_DIR, register_configs, validate
 from harness.errors import CheckFailed, RunDiverged, StageFailed, UserError
+from harness.run_files import is_main_process
 
 log = logging.getLogger("harness")
 
@@ -157,6 +158,8 @@ def save_hydra_files(cfg: DictConfig, d: Path) -> None:
 
     from harness.secrets import redact, values_in
 
+    if not is_main_process():  # torchrun: rank 0 writes them
+        return
     hc = HydraConfig.get()
     task = OmegaConf.to_container(cfg, resolve=False)
     overrides = list(hc.overrides.task)
@@ -212,9 +215,11 @@ def _release_memory() -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _main(cfg: DictConfig):
     d, multirun = run_dir(), _is_multirun()
+    first = is_main_process()  # under torchrun every rank runs this; rank 0 owns the folder
     fresh, keep = is_fresh(d), True
     try:
-        check_earlier_run(cfg, d)
+        if first:
+            check_earlier_run(cfg, d)
         if multirun:  # a sweep job records what it tried, also when it fails validation (the report lists it)
             save_hydra_files(cfg, d)
         result = dispatch(cfg, d)
@@ -228,7 +233,7 @@ def _main(cfg: DictConfig):
             log.error("job failed: %s: %s (traceback in %s)", type(e).__name__, e, d / "traceback.txt")
             return None
         keep = worked
-        if worked:
+        if worked and first:
             _record_failure(e, d)
         if isinstance(e, UserError) and os.environ.get("HYDRA_FULL_ERROR") != "1":
             print(f"error: {e}", file=sys.stderr)
@@ -243,7 +248,7 @@ def _main(cfg: DictConfig):
         except ImportError:
             pass
         _release_memory()
-        if fresh and not keep and not multirun:
+        if fresh and not keep and not multirun and first:
             _remove_folder(d)
 
 

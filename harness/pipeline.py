@@ -16,15 +16,11 @@ from harness.data import build_datasets
 from harness.errors import RunDiverged, StageFailed, UserError
 from harness.lora import apply_lora, setup_full_finetuning
 from harness.registry import get_architecture
-from harness.run_files import write_json
+from harness.run_files import is_main_process, write_json
 from harness.targets import TargetPlan, resolve_targets
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parent.parent
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def seed_everything(seed: int) -> None:

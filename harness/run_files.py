@@ -1,4 +1,4 @@
-"""Files a run writes about itself: strict JSON (non-finite floats as null), written atomically."""
+"""Files a run writes about itself: strict JSON (non-finite floats as null), written atomically, by rank 0 only."""
 from __future__ import annotations
 
 import json
@@ -6,6 +6,11 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
+
+def is_main_process() -> bool:
+    """Under torchrun every rank runs the whole command; rank 0 writes the run folder, logs and evaluates."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def finite_or_none(obj: Any) -> Any:
