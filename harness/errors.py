@@ -13,6 +13,10 @@ class DataError(UserError, ValueError):
     """The data cannot be used as configured (empty split, missing column, over-long sample under on_too_long=error)."""
 
 
+class OutsideDataDir(DataError, PermissionError):
+    """A data file names a file outside its own folder (absolute path, '..', a symlink out): refused, never skipped."""
+
+
 class CheckFailed(UserError):
     """A check the user asked for did not pass (e.g. mode=replay found different losses)."""
 

@@ -108,3 +108,19 @@ def test_saved_hydra_files_hold_the_run_and_no_secret(tmp_path):
             data = f.read_bytes()
             assert secret.encode() not in data and b"sekret-value-42" not in data, f
     assert secret not in p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("make, args, says", [
+    (None, ["data=jsonl", "data.path=/no/such.jsonl"], "data.path='/no/such.jsonl' is not a file"),
+    ('{"image": "../x.png", "prompt": "q", "answer": "a"}\n', ["data=jsonl", "data.path=bad.jsonl"],
+     "outside the data file's directory"),
+    (None, ["data=hf", "data.path=/no/such/dataset"], "data=hf (data.path=/no/such/dataset)"),
+])
+def test_data_errors_are_one_line_and_leave_no_folder(tmp_path, make, args, says):
+    if make:
+        (tmp_path / "bad.jsonl").write_text(make)
+    p = harness("logger=none", *args, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("error: ") and says in line
+    assert files_under(tmp_path / "outputs") == []

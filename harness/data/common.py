@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from harness.errors import OutsideDataDir
+
 from harness.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def resolve_inside(base: Path, rel: str, key: str) -> Path:
     p = Path(rel)
     target = (base / p).resolve()
     if p.is_absolute() or (target != base and base not in target.parents):
-        raise PermissionError(f"{key}: image path {rel!r} is outside the data file's directory {base} "
+        raise OutsideDataDir(f"{key}: image path {rel!r} is outside the data file's directory {base} "
                               "(only paths relative to it, without '..', are allowed)")
     return target
 

@@ -49,7 +49,11 @@ def load_split(cfg: DataConfig, split: str):
             raise DataError(f"{source_of(cfg)}: a single saved Dataset has no split {split!r}; "
                              "leave data.eval_split null (seeded split) or save a DatasetDict")
         return ds
-    return datasets.load_dataset(cfg.path, cfg.subset, split=split)
+    try:
+        return datasets.load_dataset(cfg.path, cfg.subset, split=split)
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise DataError(f"{source_of(cfg)}: {str(e).splitlines()[0]} (allowed: a folder written by save_to_disk, "
+                        "local data files / a loader name, or a hub dataset id reachable now or in the HF cache)") from e
 
 
 def is_image_feature(feat) -> bool:

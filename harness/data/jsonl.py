@@ -85,7 +85,8 @@ def decode_line(raw: bytes, lineno: int) -> str:
 def read_jsonl(path: str | Path, on_bad_sample: str = "skip", source: str | None = None) -> tuple[list, dict]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{source or 'data=jsonl'}: data.path={str(path)!r} is not a file")
+        raise DataError(f"{source or 'data=jsonl'}: data.path={str(path)!r} is not a file (allowed: a .jsonl file, "
+                        "one sample per line)")
     base = path.resolve().parent
     bad = BadSamples(on_bad_sample, source or f"data=jsonl ({path})")
     samples, unknown = [], set()
