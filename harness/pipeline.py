@@ -55,18 +55,27 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "host max RSS"
 
 
-def build(run: RunConfig):
-    """Processor, plan, model with LoRA; errors in the plan surface before any weight is loaded."""
+def prepare(run: RunConfig):
+    """Device, dtype, processor and plan: everything before a weight is loaded (plan errors surface here)."""
     device = modeling.resolve_device(run.device)
     dtype = modeling.resolve_dtype(run.quant.dtype, device)
     processor = modeling.load_processor_for(run.model)
     plan = None if run.train.full_finetuning else make_plan(run)
+    return device, dtype, processor, plan
+
+
+def load(run: RunConfig, device, processor, plan):
+    """The model with LoRA on the plan's modules (or every weight trainable for full fine-tuning)."""
     model = modeling.load_model(run.model, run.quant, device, processor, seed=run.seed)
     if plan is None:
-        model = setup_full_finetuning(model)
-    else:
-        model = apply_lora(model, plan, run.lora, run.seed, quantized=run.quant.mode != "none")
-    return device, dtype, processor, plan, model
+        return setup_full_finetuning(model)
+    return apply_lora(model, plan, run.lora, run.seed, quantized=run.quant.mode != "none")
+
+
+def build(run: RunConfig):
+    """Processor, plan, model with LoRA; errors in the plan surface before any weight is loaded."""
+    device, dtype, processor, plan = prepare(run)
+    return device, dtype, processor, plan, load(run, device, processor, plan)
 
 
 def accelerate(run: RunConfig, model) -> dict:
@@ -110,8 +119,14 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     seed_everything(run.seed)
     if main:
         write_json(run_dir / "env.json", environment(REPO))
-    train_samples, eval_samples = data = build_datasets(run.data, run.seed)
-    device, dtype, processor, plan, model = build(run)
+    device, dtype, processor, plan = prepare(run)
+    collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
+    # every sample measured before a weight is loaded (data.on_too_long), images present for a VLM
+    # (harness/data/lengths.py)
+    from harness.data.lengths import check_data
+
+    train_samples, eval_samples = data = check_data(build_datasets(run.data, run.seed), collator, run.data)
+    model = load(run, device, processor, plan)
     if plan is not None and main:
         plan.save(run_dir / "plan.json")
         print(plan.format())
@@ -119,11 +134,6 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     if plan is not None and trainable != plan.trainable_params:
         log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
     accelerated = accelerate(run, model)
-    collator = ChatCollator(processor, run.data.train_on_responses_only, run.data.max_length)
-    # every sample measured before step 1 (data.on_too_long), images present for a VLM: harness/data/lengths.py
-    from harness.data.lengths import check_data
-
-    train_samples, eval_samples = data = check_data(data, collator, run.data)
     if accelerated.get("host_prep"):
         from harness import host_prep
 
@@ -193,6 +203,7 @@ def _train_metrics(run: RunConfig, res, plan, data, trainable, total, accelerate
         loss_first=losses[0][1] if losses else None, loss_last=losses[-1][1] if losses else None,
         skipped_steps=res.skipped_steps,
         data_skipped=data.stats["skipped"], data_skip_reasons=data.stats["reasons"],
+        **{f"data_{k}": data.stats.get(k) for k in ("too_long", "train_with_images", "train_without_images")},
         trainable_params=trainable, total_params=total,
         trainable_by_component=plan.per_component() if plan is not None else None,
         train_tokens=tokens, tokens_per_s=tokens / train_s if train_s else None,

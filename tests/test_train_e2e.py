@@ -24,6 +24,7 @@ def test_cli_default_job_few_steps(tmp_path, repo, fast):
     m = json.loads((run_dir / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
     assert m["status"] == "ok" and len(m["losses"]) == 4 and m["skipped_steps"] == 0
     assert m["adapter_dir"] == str(run_dir / "adapter")
+    assert m["data_train_without_images"] == 0 and m["data_train_with_images"] > 0 and m["data_too_long"] == 0
     assert all(l == l and l < 100 for _, l in m["losses"])  # finite
     assert m["trainable_params"] > 0 and m["tokens_per_s"] > 0 and 0.0 <= m["eval_exact_match"] <= 1.0
     assert m["resolved"] == {"optim": "adamw_torch", "gradient_checkpointing": "false"}  # `auto` on CPU
