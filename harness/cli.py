@@ -9,7 +9,6 @@ after that check and with secrets redacted.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import shutil

@@ -75,7 +75,8 @@ class ModelConfig:
         if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", self.name_or_path) and ".." not in path.parts:
             return None  # a hub id
         raise ConfigError(f"invalid config: model.name_or_path={self.name_or_path!r} does not exist (allowed: a "
-                          "checkpoint directory written by save_pretrained, or a hub id like Qwen/Qwen2-VL-2B-Instruct)")
+                          "checkpoint directory written by save_pretrained, or a hub id like "
+                          "Qwen/Qwen2-VL-2B-Instruct)")
 
     def run_label(self) -> str:
         """model.name, or the checkpoint's folder / repo name when model.name is a conf/model preset's and
@@ -338,7 +339,7 @@ def _positive(key: str, value: Any, integer: bool = False) -> None:
 
 
 def _check_init(run: "RunConfig") -> None:
-    """lora.init_lora_weights and, for LoftQ, what PEFT needs (checked here: PEFT fails only after the model is built)."""
+    """lora.init_lora_weights and, for LoftQ, what PEFT needs (here: PEFT fails only after the model is built)."""
     import re
 
     init = run.lora.init_lora_weights

@@ -134,15 +134,7 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     if plan is not None and trainable != plan.trainable_params:
         log.warning("trainable params %d differ from the plan's %d", trainable, plan.trainable_params)
     accelerated = accelerate(run, model)
-    if accelerated.get("host_prep"):
-        from harness import host_prep
-
-        collator = host_prep.PreparingCollator(collator, host_prep.installed_spec(model))
-    elif accelerated.get("cross_entropy"):  # the fused loss's labelled rows from the host (harness/loss_rows.py)
-        from harness.loss_rows import LossRowsCollator
-
-        collator = LossRowsCollator(collator)
-
+    collator = fast_path_collator(collator, model, accelerated)
     tags = [run.model.name, run.lora.strategy, f"quant={run.quant.mode}"]
     wb = wandb_logger.start(run.logger, run_dir, config_dict, name=run_dir.name, tags=tags) if main else None
     if device.type == "cuda":
@@ -163,10 +155,42 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
     # each stage after training: a failure writes metrics.json (status failed, the stage) and raises StageFailed
     stage = StageRunner(metrics, run_dir, wb)
     metrics.update(stage("evaluate", _evaluate, run, model, collator, eval_samples, device, dtype, accelerated))
+    save_outputs(stage, run, model, processor, plan, run_dir, device, dtype, wb)
+    peak, peak_kind = peak_memory(device)
+    metrics.update(peak_memory_gib=peak, peak_memory_kind=peak_kind, wall_s=time.perf_counter() - t0)
+    from harness.report import plot_run
+
+    plot = stage("plot", plot_run, metrics, run_dir)
+    metrics["plot"] = str(plot) if plot else None
+    write_json(run_dir / "metrics.json", metrics)
+    wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
+    print(format_summary(metrics))
+    return metrics
+
+
+def fast_path_collator(collator, model, accelerated: dict):
+    """What the accelerated model reads from the host: Qwen2-VL family positions and slots (harness/host_prep.py),
+    else the fused loss's labelled rows (harness/loss_rows.py); the plain collator without either."""
+    if accelerated.get("host_prep"):
+        from harness import host_prep
+
+        return host_prep.PreparingCollator(collator, host_prep.installed_spec(model))
+    if accelerated.get("cross_entropy"):
+        from harness.loss_rows import LossRowsCollator
+
+        return LossRowsCollator(collator)
+    return collator
+
+
+def save_outputs(stage: "StageRunner", run: RunConfig, model, processor, plan, run_dir: Path, device, dtype, wb):
+    """The adapter (full fine-tuning: the model), the merged checkpoint, the W&B artifact, the hub push: each a
+    stage (a failure keeps what the earlier ones wrote)."""
+    from harness import wandb_logger
+
     saved = None
-    if run.save.adapter:  # LoRA: the adapter; full fine-tuning: the whole model
+    if run.save.adapter:
         saved = stage("save_adapter", save_adapter, model, processor, plan, run_dir)
-    metrics["adapter_dir"] = str(saved) if saved else None
+    stage.metrics["adapter_dir"] = str(saved) if saved else None
     if run.save.merged and plan is not None:
         from harness.export import save_merged
 
@@ -178,16 +202,6 @@ def train_run(run: RunConfig, config_dict: dict, run_dir: Path) -> dict:
               f"{run.model.name}-{run.lora.strategy}-{run_dir.name}")
     if run.save.push_to_hub and saved is not None:
         stage("push_to_hub", push_to_hub, saved, run.save.push_to_hub)
-    peak, peak_kind = peak_memory(device)
-    metrics.update(peak_memory_gib=peak, peak_memory_kind=peak_kind, wall_s=time.perf_counter() - t0)
-    from harness.report import plot_run
-
-    plot = stage("plot", plot_run, metrics, run_dir)
-    metrics["plot"] = str(plot) if plot else None
-    write_json(run_dir / "metrics.json", metrics)
-    wandb_logger.finish(wb, {f"final/{k}": v for k, v in metrics.items()})
-    print(format_summary(metrics))
-    return metrics
 
 
 def _train_metrics(run: RunConfig, res, plan, data, trainable, total, accelerated, device, dtype, model, t0,

@@ -29,9 +29,9 @@ def _jobs(sweep):
 @pytest.mark.slow
 def test_jobs_share_the_gpus_one_each_and_queue(tmp_path):
     sweep = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "hydra/launcher=gpus", "hydra.launcher.gpus=[0,1]",
-                        "mode=plan", "lora.r=4,8,16", f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "hydra/launcher=gpus",
+                        "hydra.launcher.gpus=[0,1]", "mode=plan", "lora.r=4,8,16", f"hydra.sweep.dir={sweep}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert "3 jobs, 2 at a time (GPU 0, GPU 1)" in p.stdout + p.stderr, p.stderr[-3000:]
     runs = [json.loads((job / "launcher.json").read_text()) for job in _jobs(sweep)]
     assert len(runs) == 3 and all(len(r["devices"]) == 1 for r in runs)
@@ -48,8 +48,9 @@ def test_jobs_share_the_gpus_one_each_and_queue(tmp_path):
 @pytest.mark.slow
 def test_a_failing_job_stays_in_its_own_directory(tmp_path):
     sweep = tmp_path / "sweep"
-    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "hydra/launcher=gpus", "hydra.launcher.gpus=[0,1]",
-                        "lora.r=0,4", "logger=none", "train.max_steps=1", "train.per_device_train_batch_size=2",
+    p = subprocess.run([sys.executable, "-m", "harness", "--multirun", "hydra/launcher=gpus",
+                        "hydra.launcher.gpus=[0,1]", "lora.r=0,4", "logger=none", "train.max_steps=1",
+                        "train.per_device_train_batch_size=2",
                         "data.max_train_samples=4", "data.max_eval_samples=2", f"hydra.sweep.dir={sweep}"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert p.returncode == 1, p.stderr[-3000:]

@@ -53,7 +53,8 @@ def load_split(cfg: DataConfig, split: str):
         return datasets.load_dataset(cfg.path, cfg.subset, split=split)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise DataError(f"{source_of(cfg)}: {str(e).splitlines()[0]} (allowed: a folder written by save_to_disk, "
-                        "local data files / a loader name, or a hub dataset id reachable now or in the HF cache)") from e
+                        "local data files / a loader name, or a hub dataset id reachable now or in the HF cache)"
+                        ) from e
 
 
 def is_image_feature(feat) -> bool:
