@@ -252,12 +252,9 @@ def _main(cfg: DictConfig):
 
 
 def main() -> None:
-    from harness.secrets import RedactingStream, redact_log_records, values_in
+    from harness.secrets import guard_output
 
-    values = values_in({}, sys.argv[1:])  # secrets typed on the command line, and the environment's
-    if values:  # Hydra echoes overrides in its own errors and launcher logs
-        redact_log_records(values)
-        sys.stdout, sys.stderr = RedactingStream(sys.stdout, values), RedactingStream(sys.stderr, values)
+    guard_output(sys.argv[1:])  # Hydra echoes overrides (secrets typed on the command line) in errors and logs
     _main()
 
 

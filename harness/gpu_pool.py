@@ -73,6 +73,9 @@ def _run_one(payload: bytes, devices: tuple[str, ...], env: tuple[tuple[str, str
     from harness.run_files import write_json
 
     idx, overrides, hydra_context, config, task_function, singletons = cloudpickle.loads(payload)
+    from harness.secrets import guard_output
+
+    guard_output(overrides)  # a fresh process: the CLI's redaction of typed secrets is not inherited
     setup_globals()
     Singleton.set_state(singletons)
     sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))

@@ -139,3 +139,12 @@ class RedactingStream:
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def guard_output(argv) -> None:
+    """From here on, this process's stdout, stderr and log records have the secrets in `argv` (and the environment's)
+    replaced. Set once per process at its entry point (the CLI; a sweep job's own process)."""
+    values = values_in({}, argv)
+    if values:
+        redact_log_records(values)
+        sys.stdout, sys.stderr = RedactingStream(sys.stdout, values), RedactingStream(sys.stderr, values)

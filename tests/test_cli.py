@@ -124,3 +124,15 @@ def test_data_errors_are_one_line_and_leave_no_folder(tmp_path, make, args, says
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("error: ") and says in line
     assert files_under(tmp_path / "outputs") == []
+
+
+def test_a_sweep_keeps_no_secret_in_any_file(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = harness("--multirun", "mode=plan", "lora.r=4,8", "+hydra.job.env_set.MY_TOKEN=sekret-sweep-771",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert "LoRA target plan" in p.stdout, p.stderr[-2000:]
+    assert "sekret-sweep-771" not in p.stdout + p.stderr
+    saved = [f for f in sweep.rglob("*") if f.is_file()]
+    assert any(f.name == "multirun.yaml" for f in saved) and any(f.name == "hydra.yaml" for f in saved)
+    for f in saved:
+        assert b"sekret-sweep-771" not in f.read_bytes(), f
