@@ -133,10 +133,10 @@ def check_earlier_run(cfg: DictConfig, d: Path) -> None:
 
     before = _flat(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
     now = _flat(redact(OmegaConf.to_container(cfg, resolve=False)))
-    changed = sorted(k for k in before.keys() | now.keys()
-                     if before.get(k, "<unset>") != now.get(k, "<unset>") and k not in SAME_ON_RESUME_EXCEPT)
+    # keys on one side only come from another harness version's schema (a key added since): not a change
+    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k] and k not in SAME_ON_RESUME_EXCEPT)
     if changed:
-        shown = ", ".join(f"{k}: {before.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:6])
+        shown = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in changed[:6])
         more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
         raise UserError(f"train.resume=auto: the config differs from the run in {d} ({shown}{more}); resume with "
                         "the saved values or start a new run in another hydra.run.dir")

@@ -136,3 +136,19 @@ def test_a_sweep_keeps_no_secret_in_any_file(tmp_path):
     assert any(f.name == "multirun.yaml" for f in saved) and any(f.name == "hydra.yaml" for f in saved)
     for f in saved:
         assert b"sekret-sweep-771" not in f.read_bytes(), f
+
+
+def test_resume_of_a_run_saved_before_a_key_existed(finished_run, tmp_path):
+    """A key the saved run's schema did not have yet (added since) is not a config change."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old_run"
+    shutil.copytree(finished_run, old)
+    saved = old / ".hydra" / "config.yaml"
+    cfg = yaml.safe_load(saved.read_text())
+    del cfg["train"]["on_nonfinite"]
+    saved.write_text(yaml.safe_dump(cfg))
+    p = harness(*TINY, "train.resume=auto", f"hydra.run.dir={old}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
