@@ -10,11 +10,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from harness.errors import OutsideDataDir
-
-from harness.errors import DataError
+from harness.errors import DataError, OutsideDataDir
 
 log = logging.getLogger(__name__)
+
+MAX_REASONS = 20  # skip reasons kept per run: metrics.json stays small
 
 
 class BadSample(Exception):
@@ -35,7 +35,7 @@ class BadSamples:
             raise DataError(f"{self.source}: bad sample at {reason} "
                             "(set data.on_bad_sample=skip to skip such samples)") from err
         self.skipped += 1
-        if len(self.reasons) < 20:  # keep metrics.json small
+        if len(self.reasons) < MAX_REASONS:
             self.reasons.append(reason)
         log.warning("%s: skipping bad sample at %s", self.source, reason)
 

@@ -18,14 +18,13 @@ import logging
 
 from harness.config import DataConfig
 from harness.data import Splits, source_of
-from harness.data.common import BadSample, BadSamples
+from harness.data.common import MAX_REASONS, BadSample, BadSamples
 from harness.errors import DataError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64  # samples encoded together: the processor's per-call overhead dominates single samples
 PROGRESS_FROM = 2048  # samples; below this the pass takes seconds and no progress bar is shown
-MAX_REASONS = 20  # as harness.data.common.BadSamples: keep metrics.json small
 
 
 def name_of(sample: dict, split: str, index: int) -> str:
