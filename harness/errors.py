@@ -24,9 +24,15 @@ class CheckFailed(UserError):
 
 
 class RunDiverged(UserError):
-    """Training met a non-finite loss or gradient and stopped (train.on_nonfinite=stop); outputs are kept."""
+    """Training met a non-finite loss or gradient and stopped (train.on_nonfinite=stop); outputs are kept.
+    `step`: where; `restored_from`: the finite checkpoint now in the model (None: its weights are unusable);
+    `result`: harness.train.TrainResult of the run up to there."""
 
     exit_code = 1
+
+    def __init__(self, message: str, step: int | None = None, restored_from=None, result=None):
+        super().__init__(message)
+        self.step, self.restored_from, self.result = step, restored_from, result
 
 
 class StageFailed(Exception):

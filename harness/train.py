@@ -368,8 +368,7 @@ def restore_last_finite(trainer, params, folder: Path) -> Path | None:
 def diverged(run: RunConfig, guard: NonFiniteGuard, result: TrainResult, restored: Path | None) -> RunDiverged:
     kept = (f"the weights of {restored.name} are restored" if restored is not None
             else "no finite checkpoint to restore (set train.save_steps to keep one), no adapter is saved")
-    e = RunDiverged(f"training diverged at step {guard.diverged_at}: {guard.reason} "
-                    f"(train.on_nonfinite={run.train.on_nonfinite}); {kept}. Fix: lower train.learning_rate "
-                    f"(now {run.train.learning_rate:g}), add train.warmup_steps, or keep train.max_grad_norm > 0")
-    e.step, e.restored_from, e.result = guard.diverged_at, restored, result
-    return e
+    return RunDiverged(f"training diverged at step {guard.diverged_at}: {guard.reason} "
+                       f"(train.on_nonfinite={run.train.on_nonfinite}); {kept}. Fix: lower train.learning_rate "
+                       f"(now {run.train.learning_rate:g}), add train.warmup_steps, or keep train.max_grad_norm > 0",
+                       step=guard.diverged_at, restored_from=restored, result=result)
