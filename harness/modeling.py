@@ -16,7 +16,8 @@ import torch
 
 from harness.config import ConfigError, ModelConfig, QuantConfig
 from harness.processors import build_local_processor, load_processor, tokenizer_of
-from harness.registry import Architecture, get_architecture, transformers_class
+from harness.registry import (ARCHITECTURES, Architecture, architecture_of_model_type, get_architecture,
+                              transformers_class)
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,12 @@ def checkpoint_config(mc: ModelConfig, arch: Architecture):
 
 def _check_arch(mc: ModelConfig, arch: Architecture, cfg) -> None:
     """The checkpoint's model_type must be the one model.arch's config class builds."""
-    from harness.registry import ARCHITECTURES
-
     want = transformers_class(arch.config_class).model_type
     if cfg.model_type == want:
         return
-    fits = [a.name for a in ARCHITECTURES.values() if transformers_class(a.config_class).model_type == cfg.model_type]
-    fix = (f"model.arch={fits[0]} (presets of that architecture: "
-           + (", ".join(f"model={p}" for p in presets_of(fits[0])) or "none") + ")") if fits else \
+    fit = architecture_of_model_type(cfg.model_type)
+    fix = (f"model.arch={fit.name} (presets of that architecture: "
+           + (", ".join(f"model={p}" for p in presets_of(fit.name)) or "none") + ")") if fit else \
         f"an architecture of harness/registry.py ({', '.join(sorted(ARCHITECTURES))})"
     raise ConfigError(f"invalid config: model.name_or_path={mc.name_or_path!r} is a {cfg.model_type!r} checkpoint "
                       f"but model.arch={mc.arch} builds {want!r} models; allowed: {fix}")

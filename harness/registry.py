@@ -187,3 +187,10 @@ def transformers_class(name: str):
     import transformers
 
     return getattr(transformers, name)
+
+
+def architecture_of_model_type(model_type: str) -> Architecture | None:
+    """The registered architecture whose config class has this transformers model_type (a checkpoint's
+    config.json names it), or None."""
+    return next((a for a in ARCHITECTURES.values() if transformers_class(a.config_class).model_type == model_type),
+                None)

@@ -15,7 +15,7 @@ from harness.api.errors import api_error, reject_unknown
 from harness.api.state import ApiState, attach
 from harness.config import (ConfigError, DataConfig, LoggerConfig, LoraConfig, ModelConfig, QuantConfig, RunConfig,
                             TrainConfig, validate)
-from harness.registry import ARCHITECTURES, Architecture, transformers_class
+from harness.registry import ARCHITECTURES, Architecture, architecture_of_model_type, transformers_class
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,12 @@ def architecture_of(where: str, model_name: str, trust_remote_code: bool) -> Arc
         raise ValueError(f"{where}: model_name={model_name!r}: its config.json cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]}); allowed: a directory written by save_pretrained, or a hub id "
                          "reachable now or in the HF cache") from None
-    by_type = {transformers_class(a.config_class).model_type: a for a in ARCHITECTURES.values()}
-    if cfg.model_type not in by_type:
+    arch = architecture_of_model_type(cfg.model_type)
+    if arch is None:
+        types = sorted(transformers_class(a.config_class).model_type for a in ARCHITECTURES.values())
         raise ValueError(f"{where}: model_name={model_name!r} is a {cfg.model_type!r} checkpoint, which "
-                         f"harness/registry.py does not describe (allowed model types: {', '.join(sorted(by_type))})")
-    return by_type[cfg.model_type]
+                         f"harness/registry.py does not describe (allowed model types: {', '.join(types)})")
+    return arch
 
 
 def build_run_config(where: str, model_name, max_seq_length, quant: QuantConfig, full_finetuning: bool,
