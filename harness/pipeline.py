@@ -249,10 +249,14 @@ def _evaluate(run: RunConfig, model, collator, eval_samples, device, dtype, acce
 
 def save_adapter(model, processor, plan, run_dir: Path) -> Path:
     """LoRA: <run dir>/adapter; full fine-tuning: <run dir>/model (weights + processor)."""
-    saved = run_dir / ("adapter" if plan is not None else "model")
-    model.save_pretrained(saved, safe_serialization=True)
-    processor.save_pretrained(saved)
-    return saved
+    return write_model(model, processor, run_dir / ("adapter" if plan is not None else "model"))
+
+
+def write_model(model, processor, folder: Path) -> Path:
+    """The model's own save (a PEFT model: the adapter) as safetensors, with the processor beside it."""
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    return folder
 
 
 class StageRunner:
@@ -314,15 +318,17 @@ def _resolved(run: RunConfig, device: torch.device) -> dict:
                              gradient_checkpointing=checkpointing_mode(run.train.gradient_checkpointing, device))}
 
 
-def push_to_hub(folder: Path, repo_id: str) -> None:
-    """Upload a saved folder; the token comes from the environment and is passed, never stored."""
+def push_to_hub(folder: Path, repo_id: str, token: str | None = None, private: bool = True,
+                commit_message: str | None = None) -> None:
+    """Upload a saved folder to `repo_id` (created if missing); the token (given, else from the environment) is
+    passed to HfApi, never stored."""
     from huggingface_hub import HfApi
 
     from harness.secrets import hub_token
 
-    api = HfApi(token=hub_token())
-    api.create_repo(repo_id, exist_ok=True, private=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder))
+    api = HfApi(token=token or hub_token())
+    api.create_repo(repo_id, exist_ok=True, private=private)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message)
     print(f"pushed {folder} to https://huggingface.co/{repo_id}")
 
 

@@ -34,18 +34,13 @@ def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: st
     processor = tokenizer if tokenizer is not None else state.processor
     out = Path(save_directory)
     if save_method == "lora":
-        return _save_lora(self, processor, out)
+        from harness.pipeline import write_model
+
+        return write_model(self, processor, out)
     from harness.export import save_merged
 
     # save_merged replaces the LoRA layers of the model it is given and casts it: a copy keeps the trained model
     return save_merged(copy.deepcopy(self), processor, out, merged_dtype(state))
-
-
-def _save_lora(model, processor, out: Path) -> Path:
-    """The adapter and the processor in `out`, as pipeline.save_adapter writes them into <run dir>/adapter."""
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
 
 
 def merged_dtype(state) -> torch.dtype:
@@ -70,13 +65,9 @@ def push_to_hub_merged(self, repo_id: str, tokenizer=None, save_method: str = "m
     if not hub_token_value:
         raise ValueError(f"{where}: token=None and HF_TOKEN is not set (allowed: token='hf_...' or HF_TOKEN in the "
                          "environment)")
-    import huggingface_hub
+    from harness.pipeline import push_to_hub
 
     with tempfile.TemporaryDirectory(prefix="harness-push-") as tmp:
         folder = save_pretrained_merged(self, Path(tmp) / "model", tokenizer, save_method)
-        api = huggingface_hub.HfApi(token=hub_token_value)
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                          commit_message=commit_message or f"harness: {save_method} model")
-    print(f"pushed {save_method} model to https://huggingface.co/{repo_id}")
+        push_to_hub(folder, repo_id, hub_token_value, private, commit_message or f"harness: {save_method} model")
     return repo_id
